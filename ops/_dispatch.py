@@ -1,0 +1,23 @@
+"""Dispatch of a validated call to a device, with vendor exceptions translated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvfuse._device import Requirement
+from kvfuse._errors import DeviceError, KvfuseError
+from kvfuse._registry import registry
+
+
+def run(op: str, req: Requirement, tensor_device: torch.device, device: str | None, *args: Any, **kwargs: Any) -> Any:
+    """Pick the device for ``req`` and call its ``op``. Exceptions that are not kvfuse
+    errors are raised as :class:`DeviceError` from the vendor's exception."""
+    dev = registry().select(req, tensor_device, device)
+    try:
+        return getattr(dev, op)(*args, **kwargs)
+    except KvfuseError:
+        raise
+    except Exception as exc:
+        raise DeviceError(f"device {dev.name!r} failed in {op}: {type(exc).__name__}: {exc}") from exc

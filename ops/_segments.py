@@ -1,0 +1,157 @@
+"""SegmentTable: the KV a request attends to, as position-tagged segments of pages (CSR)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvfuse.ops import _checks as check
+from kvfuse._errors import ShapeError
+
+
+class Segment(NamedTuple):
+    """One segment for :meth:`SegmentTable.from_lists`: its pages, valid tokens, first position."""
+
+    pages: Sequence[int]
+    length: int
+    pos: int
+
+
+class FlatSegments(NamedTuple):
+    """Every KV token of a table, flattened in request order (see :meth:`SegmentTable.flatten`).
+
+    kv_indptr: [batch + 1], int64 — tokens of request b are ``kv_indptr[b]:kv_indptr[b+1]``
+    slots: [num_kv_tokens], int64 — slot of each token (page * page_size + row)
+    k_pos: [num_kv_tokens], int64 — position of each token
+    """
+
+    kv_indptr: torch.Tensor
+    slots: torch.Tensor
+    k_pos: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """A batch of requests' KV as ordered, position-tagged segments of pages.
+
+    Token t of segment s is in page ``page_indices[page_indptr[s] + t // page_size]``, row
+    ``t % page_size``, at position ``seg_pos[s] + t``. Build one with :meth:`from_lists`.
+
+    seg_indptr: [batch + 1], int32 — request b owns segments ``seg_indptr[b]:seg_indptr[b+1]``
+    page_indptr: [num_segments + 1], int32 — segment s owns ``page_indices[page_indptr[s]:page_indptr[s+1]]``
+    page_indices: [nnz_pages], int32 — page ids into the pool, in token order
+    seg_len: [num_segments], int32 — valid tokens of each segment
+    seg_pos: [num_segments], int32 — position of each segment's first token
+    """
+
+    seg_indptr: torch.Tensor
+    page_indptr: torch.Tensor
+    page_indices: torch.Tensor
+    seg_len: torch.Tensor
+    seg_pos: torch.Tensor
+
+    @classmethod
+    def from_lists(
+        cls,
+        requests: Sequence[Sequence[Segment | tuple[Sequence[int], int, int]]],
+        *,
+        device: torch.device | str = "cpu",
+    ) -> SegmentTable:
+        """Build a table from, per request, a list of ``(pages, length, pos)`` segments.
+
+        >>> SegmentTable.from_lists([[([3, 7], 20, 100), ([], 0, 0)], [([1], 5, 0)]])
+        """
+        seg_indptr, page_indptr, page_indices, seg_len, seg_pos = [0], [0], [], [], []
+        for request in requests:
+            for pages, length, pos in request:
+                page_indices.extend(int(p) for p in pages)
+                page_indptr.append(len(page_indices))
+                seg_len.append(int(length))
+                seg_pos.append(int(pos))
+            seg_indptr.append(len(seg_len))
+
+        def i32(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(i32(seg_indptr), i32(page_indptr), i32(page_indices), i32(seg_len), i32(seg_pos))
+
+    @property
+    def batch(self) -> int:
+        return int(self.seg_indptr.shape[0]) - 1
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_len.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.seg_indptr.device
+
+    def to(self, device: torch.device | str) -> SegmentTable:
+        """The same table with every field on ``device``."""
+        return SegmentTable(*(getattr(self, f).to(device) for f in _FIELDS))
+
+    def flatten(self, page_size: int) -> FlatSegments:
+        """Slot and position of every KV token, request by request, vectorised (no Python
+        loop per token). Fields are int64 on the table's device."""
+        seg_len = self.seg_len.long()
+        total = int(seg_len.sum())
+        seg_start = torch.cumsum(seg_len, 0) - seg_len  # first flat token of each segment
+        seg_of_tok = torch.repeat_interleave(torch.arange(self.num_segments, device=self.device), seg_len)
+        t = torch.arange(total, device=self.device) - seg_start[seg_of_tok]  # token index within segment
+        page = self.page_indices.long()[self.page_indptr.long()[seg_of_tok] + t // page_size]
+        slots = page * page_size + t % page_size
+        k_pos = self.seg_pos.long()[seg_of_tok] + t
+        tok_indptr = torch.cat([seg_start, seg_start.new_tensor([total])])
+        kv_indptr = tok_indptr[self.seg_indptr.long()]
+        return FlatSegments(kv_indptr, slots, k_pos)
+
+    def validate(self, *, batch: int, num_pages: int, page_size: int, device: torch.device) -> None:
+        """Check every field against CONTRACTS.md; raises a ContractError naming the field."""
+        for f in _FIELDS:
+            t = check.shape(f"segments.{f}", getattr(self, f), [_LAYOUT[f]])
+            check.dtype(f"segments.{f}", t, torch.int32)
+            check.on_device(f"segments.{f}", t, device, "q")
+        nseg = self.num_segments
+        check.shape("segments.seg_indptr", self.seg_indptr, ["batch + 1"], [batch + 1])
+        check.shape("segments.page_indptr", self.page_indptr, ["num_segments + 1"], [nseg + 1])
+        check.shape("segments.seg_pos", self.seg_pos, ["num_segments"], [nseg])
+        check.non_decreasing("segments.seg_indptr", self.seg_indptr, 0, nseg)
+        nnz = int(self.page_indices.shape[0])
+        check.non_decreasing("segments.page_indptr", self.page_indptr, 0, nnz)
+        check.index_range("segments.page_indices", self.page_indices, 0, num_pages)
+        check.index_range("segments.seg_pos", self.seg_pos, 0, 2**31 - 1)
+        seg_len = check.host(self.seg_len).long()
+        check.index_range("segments.seg_len", seg_len, 0, 2**31 - 1)
+        pages = check.host(self.page_indptr).long().diff()
+        bad = ((seg_len > pages * page_size) | (seg_len <= (pages - 1) * page_size)).nonzero()
+        if bad.numel():
+            s = int(bad[0, 0])
+            raise ShapeError(
+                "segments.seg_len",
+                f"(pages - 1) * page_size < seg_len <= pages * page_size (page_size = {page_size}), "
+                "or 0 with 0 pages",
+                f"seg_len {int(seg_len[s])} with {int(pages[s])} pages in segment {s}",
+            )
+        last = check.host(self.seg_pos).long() + seg_len - 1
+        check.index_range("segments.seg_pos + seg_len", last, -1, 2**31 - 1)
+
+    def max_position(self) -> int:
+        """The largest key position in the table (-1 if it has no tokens)."""
+        seg_len = check.host(self.seg_len).long()
+        last = check.host(self.seg_pos).long() + seg_len - 1
+        last = last[seg_len > 0]
+        return int(last.max()) if last.numel() else -1
+
+
+_FIELDS = ("seg_indptr", "page_indptr", "page_indices", "seg_len", "seg_pos")
+_LAYOUT = {
+    "seg_indptr": "batch + 1",
+    "page_indptr": "num_segments + 1",
+    "page_indices": "nnz_pages",
+    "seg_len": "num_segments",
+    "seg_pos": "num_segments",
+}

@@ -1,0 +1,3 @@
+from kvfuse._cli import main
+
+raise SystemExit(main())

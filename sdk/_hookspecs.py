@@ -1,0 +1,32 @@
+"""pluggy hook specifications. A device plugin is a module (or object) with
+``@kvfuse.hookimpl``-decorated functions, published under the ``kvfuse.devices``
+entry-point group::
+
+    [project.entry-points."kvfuse.devices"]
+    acme = "acme_kvfuse.plugin"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from kvfuse._device import Device
+
+PROJECT = "kvfuse"
+ENTRY_POINT_GROUP = "kvfuse.devices"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def kvfuse_devices() -> Sequence[Device]:  # type: ignore[empty-body]
+    """Return the devices this plugin provides (instances of :class:`kvfuse.Device`).
+
+    Called once per process, lazily. Must be cheap: probing happens later, through
+    :meth:`Device.probe`.
+    """

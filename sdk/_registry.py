@@ -1,0 +1,235 @@
+"""Device registry: loads plugins from entry points, isolates broken ones, picks devices.
+
+Each plugin is loaded and called on its own: a plugin that fails to import, raises in a
+hook, declares an incompatible ``api_version``, or returns something that is not a
+:class:`Device` is recorded in :attr:`Registry.broken` and every other device keeps
+working. ``KVFUSE_STRICT_PLUGINS=1`` turns such failures into :class:`PluginError`.
+
+Environment:
+    KVFUSE_PLUGINS         comma-separated allow-list of entry-point names to load.
+    KVFUSE_STRICT_PLUGINS  ``1`` raises on the first broken plugin.
+    KVFUSE_DEVICE          device used when an op is called with ``device=None``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pluggy
+import torch
+
+from kvfuse import _hookspecs
+from kvfuse._device import API_VERSION, Availability, Device, Requirement
+from kvfuse._errors import (
+    DeviceMismatchError,
+    DeviceNotFoundError,
+    DeviceUnavailableError,
+    PluginError,
+    UnsupportedError,
+)
+
+__all__ = ["BrokenPlugin", "Registry", "registry"]
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that could not be used, and why."""
+
+    name: str
+    reason: str
+
+
+def _api_compatible(version: str) -> bool:
+    return str(version).split(".")[0] == API_VERSION.split(".")[0]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class Registry:
+    """The devices of this process. Use :func:`registry` for the shared instance."""
+
+    def __init__(self, *, strict: bool | None = None) -> None:
+        self.strict = _env_flag("KVFUSE_STRICT_PLUGINS") if strict is None else strict
+        self._pm = pluggy.PluginManager(_hookspecs.PROJECT)
+        self._pm.add_hookspecs(_hookspecs)
+        self._devices: dict[str, Device] = {}
+        self._origin: dict[str, str] = {}
+        self._probes: dict[str, Availability] = {}
+        self.broken: list[BrokenPlugin] = []
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
+        """Load every plugin of the ``kvfuse.devices`` group (or the allow-listed ones)."""
+        if allow is None:
+            env = os.environ.get("KVFUSE_PLUGINS", "").strip()
+            allow = [n.strip() for n in env.split(",") if n.strip()] if env else None
+        allowed = set(allow) if allow is not None else None
+        eps = importlib.metadata.entry_points(group=_hookspecs.ENTRY_POINT_GROUP)
+        for ep in sorted(eps, key=lambda e: e.name):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if self._pm.has_plugin(ep.name):
+                continue  # the same distribution seen twice on sys.path
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import failure isolates the plugin
+                self._record(ep.name, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}", exc)
+                continue
+            self.register(plugin, name=ep.name)
+
+    def register(self, plugin: object, name: str) -> list[Device]:
+        """Register one plugin explicitly (a module or object with hookimpls).
+
+        Returns the devices it added; on failure records it as broken (or raises in
+        strict mode) and returns ``[]``.
+        """
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - pluggy validation errors and others
+            self._record(name, f"registration failed: {type(exc).__name__}: {exc}", exc)
+            return []
+        caller = self._pm.subset_hook_caller(
+            "kvfuse_devices",
+            remove_plugins=[p for p in self._pm.get_plugins() if p is not plugin],
+        )
+        try:
+            results = caller()
+        except Exception as exc:  # noqa: BLE001 - a raising hook isolates the plugin
+            self._pm.unregister(plugin)
+            self._record(name, f"hook kvfuse_devices raised {type(exc).__name__}: {exc}", exc)
+            return []
+        found: list[Device] = []
+        for result in results:
+            if not isinstance(result, (list, tuple)):
+                result = [result]
+            found.extend(result)
+        problem = self._check_devices(found)
+        if problem:
+            self._pm.unregister(plugin)
+            self._record(name, problem, None)
+            return []
+        for dev in found:
+            self._devices[dev.name] = dev
+            self._origin[dev.name] = name
+        return found
+
+    def _check_devices(self, found: Sequence[object]) -> str | None:
+        for dev in found:
+            if not isinstance(dev, Device):
+                return f"kvfuse_devices returned {type(dev).__name__!s}, expected kvfuse.Device instances"
+            if not _api_compatible(dev.api_version):
+                return (
+                    f"device {dev.name!r} declares api_version {dev.api_version!r}, "
+                    f"incompatible with kvfuse api {API_VERSION!r}"
+                )
+            if dev.name in self._devices:
+                return f"device name {dev.name!r} is already registered by plugin {self._origin[dev.name]!r}"
+            try:
+                caps = dev.capabilities()
+            except Exception as exc:  # noqa: BLE001
+                return f"device {dev.name!r} capabilities() raised {type(exc).__name__}: {exc}"
+            for op in caps.ops:
+                if getattr(type(dev), op) is getattr(Device, op):
+                    return f"device {dev.name!r} declares {op} but does not implement it"
+        return None
+
+    def _record(self, name: str, reason: str, exc: BaseException | None) -> None:
+        if self.strict:
+            raise PluginError(f"plugin {name!r} is broken: {reason}") from exc
+        self.broken.append(BrokenPlugin(name, reason))
+
+    # -- lookup -------------------------------------------------------------------------
+
+    def devices(self) -> list[Device]:
+        """Every registered device, by name."""
+        return [self._devices[n] for n in sorted(self._devices)]
+
+    def origin(self, name: str) -> str:
+        """The plugin (entry-point name) that provided device ``name``."""
+        return self._origin[name]
+
+    def probe(self, name: str) -> Availability:
+        """The device's availability, probed once and cached."""
+        if name not in self._probes:
+            dev = self.get(name, require_available=False)
+            try:
+                self._probes[name] = dev.probe()
+            except Exception as exc:  # noqa: BLE001 - a raising probe means unavailable
+                self._probes[name] = Availability(
+                    available=False, reason=f"probe raised {type(exc).__name__}: {exc}"
+                )
+        return self._probes[name]
+
+    def get(self, name: str, *, require_available: bool = True) -> Device:
+        """The device called ``name``; raises if unknown (or unavailable)."""
+        dev = self._devices.get(name)
+        if dev is None:
+            known = ", ".join(sorted(self._devices)) or "none"
+            broken = {b.name: b.reason for b in self.broken}
+            hint = f"; plugin {name!r} is broken: {broken[name]}" if name in broken else ""
+            raise DeviceNotFoundError(f"no device named {name!r} (registered: {known}){hint}")
+        if require_available:
+            avail = self.probe(name)
+            if not avail.available:
+                raise DeviceUnavailableError(f"device {name!r} is unavailable: {avail.reason}")
+        return dev
+
+    def select(self, requirement: Requirement, tensor_device: torch.device, name: str | None) -> Device:
+        """The device to run a call on.
+
+        ``name`` (or ``KVFUSE_DEVICE``) picks it explicitly. Otherwise: among available
+        devices that accept ``tensor_device``, the highest-priority one whose capabilities
+        cover ``requirement``; if none covers it, the highest-priority one, which then
+        raises :class:`UnsupportedError` naming what is missing.
+        """
+        name = name or os.environ.get("KVFUSE_DEVICE") or None
+        if name is not None:
+            dev = self.get(name)
+            if not requirement.torch_device_types and not dev.accepts(tensor_device):
+                raise DeviceMismatchError(
+                    "tensors", f"tensors on a torch device that device {name!r} accepts", str(tensor_device)
+                )
+        else:
+            candidates = [
+                d
+                for d in sorted(self._devices.values(), key=lambda d: (-d.priority, d.name))
+                if d.accepts(tensor_device) and self.probe(d.name).available
+            ]
+            if not candidates:
+                raise DeviceNotFoundError(f"no available device accepts tensors on {tensor_device}")
+            covering = [d for d in candidates if d.capabilities().missing(requirement) is None]
+            dev = (covering or candidates)[0]
+        missing = dev.capabilities().missing(requirement)
+        if missing is not None:
+            raise UnsupportedError(dev.name, requirement.op, missing)
+        return dev
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            reg = Registry()
+            reg.load_entry_points()
+            _registry = reg
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the process-wide registry so the next :func:`registry` call reloads it."""
+    global _registry
+    with _lock:
+        _registry = None
+
