@@ -24,16 +24,18 @@ one dtype (fp32, fp16 or bf16); lse is always fp32, natural log.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import typing
 
 import torch
-
 from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
+from kvfuse.ops._blend import blend_count
 from kvfuse.ops._dispatch import run as _run
+from kvfuse.ops._moves import TransferHandle
 from kvfuse.ops._rope import RopeConfig
 from kvfuse.ops._segments import FlatSegments, Segment, SegmentTable
-from kvfuse.ops._moves import TransferHandle
-from kvfuse.ops._blend import blend_count
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "FlatSegments",
@@ -206,7 +208,9 @@ def gather_pages(
         v_buf: [n, page_size, num_kv_heads, head_dim], k_pages.dtype, contiguous
     """
     req = _moves.check_gather_pages(k_pages, v_pages, page_ids)
-    result: tuple[torch.Tensor, torch.Tensor] = _run("gather_pages", req, k_pages.device, device, k_pages, v_pages, page_ids)
+    result: tuple[torch.Tensor, torch.Tensor] = _run(
+        "gather_pages", req, k_pages.device, device, k_pages, v_pages, page_ids
+    )
     return result
 
 

@@ -9,7 +9,6 @@ gets ``out = 0``, ``lse = -inf``.
 from __future__ import annotations
 
 import torch
-
 from kvfuse._device import Requirement, dtype_name
 from kvfuse._errors import InvalidValueError
 from kvfuse.ops import _checks as check
@@ -57,9 +56,7 @@ def check_fusion_attention(
     if k_pages.shape[3] != d:
         check.shape("k_pages", k_pages, POOL_LAYOUT, [None, None, None, d])
     if hkv == 0 or hq % hkv:
-        raise InvalidValueError(
-            "k_pages", f"num_kv_heads dividing num_q_heads ({hq})", f"num_kv_heads {hkv}"
-        )
+        raise InvalidValueError("k_pages", f"num_kv_heads dividing num_q_heads ({hq})", f"num_kv_heads {hkv}")
     if not isinstance(segments, SegmentTable):
         raise InvalidValueError("segments", "a kvfuse.SegmentTable", type(segments).__name__)
     batch = segments.batch
@@ -94,9 +91,7 @@ def check_fusion_attention(
         check.index_range("q_pos", q_pos, 0, rope.max_position)
         top = segments.max_position()
         if top >= rope.max_position:
-            raise InvalidValueError(
-                "segments.seg_pos", f"key positions < rope.max_position ({rope.max_position})", top
-            )
+            raise InvalidValueError("segments.seg_pos", f"key positions < rope.max_position ({rope.max_position})", top)
         features.add(f"rope_{rope.style}")
     req = Requirement(
         op="fusion_attention",

@@ -11,7 +11,6 @@ import math
 from fractions import Fraction
 
 import torch
-
 from kvfuse._device import Requirement, dtype_name
 from kvfuse.ops import _checks as check
 
@@ -58,4 +57,5 @@ def blend_select_reference(
     picked = order[:count]
     if always is not None:
         picked = torch.cat([picked, always.long()])
-    return torch.unique(picked)  # sorted, deduplicated
+    result: torch.Tensor = torch.unique(picked)  # sorted, deduplicated
+    return result

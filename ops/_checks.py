@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from kvfuse._device import DTYPE_NAMES, dtype_name
 from kvfuse._errors import (
     DeviceMismatchError,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from kvfuse._device import Requirement
 from kvfuse._errors import DeviceError, KvfuseError
 from kvfuse._registry import registry

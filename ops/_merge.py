@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from kvfuse._device import Requirement, dtype_name
 from kvfuse._errors import InvalidValueError
 from kvfuse.ops import _checks as check
@@ -39,9 +38,7 @@ def check_merge_states(states: Sequence[State]) -> Requirement:
         bad = (lse.isnan() | (lse == float("inf"))).nonzero()
         if bad.numel():
             t, h = (int(x) for x in bad[0])
-            raise InvalidValueError(
-                f"states[{i}].lse", "finite values or -inf", f"{float(lse[t, h])} at [{t}, {h}]"
-            )
+            raise InvalidValueError(f"states[{i}].lse", "finite values or -inf", f"{float(lse[t, h])} at [{t}, {h}]")
     assert first is not None
     return Requirement(op="merge_states", dtype=dtype_name(first.dtype), head_dim=first.shape[2])
 

@@ -9,7 +9,6 @@ import concurrent.futures
 from collections.abc import Sequence
 
 import torch
-
 from kvfuse._device import Requirement, dtype_name
 from kvfuse._errors import (
     IndexRangeError,
@@ -54,7 +53,7 @@ class TransferHandle:
             raise
         except (TimeoutError, concurrent.futures.TimeoutError) as exc:
             raise TransferTimeoutError(f"copy of {len(self.dst_ids)} pages not finished after {timeout} s") from exc
-        except Exception as exc:  # noqa: BLE001 - any failure of the copy itself
+        except Exception as exc:
             raise TransferError(f"copy failed: {type(exc).__name__}: {exc}", self.dst_ids) from exc
 
     def _result(self, timeout: float | None) -> None:
@@ -198,4 +197,3 @@ def copy_pages_reference(
     d = dst_ids.to(dst_k.device).long()
     dst_k[d] = src_k[s].to(dst_k.device)
     dst_v[d] = src_v[s].to(dst_v.device)
-

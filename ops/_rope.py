@@ -12,11 +12,10 @@ import functools
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from kvfuse._device import Requirement, dtype_name
 from kvfuse._errors import InvalidValueError
 from kvfuse.ops import _checks as check
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RopeConfig(BaseModel):
@@ -87,9 +86,7 @@ def check_positions(name: str, pos: torch.Tensor, n: int, rope: RopeConfig, devi
     check.index_range(name, pos, 0, rope.max_position)
 
 
-def check_rope_rerotate(
-    k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, rope: RopeConfig
-) -> Requirement:
+def check_rope_rerotate(k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, rope: RopeConfig) -> Requirement:
     """Validate a ``rope_rerotate`` call; returns what it needs from a device."""
     check.shape("k", k, ["num_tokens", "num_kv_heads", "head_dim"])
     check.floating("k", k)

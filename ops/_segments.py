@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-
-from kvfuse.ops import _checks as check
 from kvfuse._errors import ShapeError
+from kvfuse.ops import _checks as check
 
 
 class Segment(NamedTuple):
@@ -64,7 +63,11 @@ class SegmentTable:
 
         >>> SegmentTable.from_lists([[([3, 7], 20, 100), ([], 0, 0)], [([1], 5, 0)]])
         """
-        seg_indptr, page_indptr, page_indices, seg_len, seg_pos = [0], [0], [], [], []
+        seg_indptr: list[int] = [0]
+        page_indptr: list[int] = [0]
+        page_indices: list[int] = []
+        seg_len: list[int] = []
+        seg_pos: list[int] = []
         for request in requests:
             for pages, length, pos in request:
                 page_indices.extend(int(p) for p in pages)
@@ -132,8 +135,7 @@ class SegmentTable:
             s = int(bad[0, 0])
             raise ShapeError(
                 "segments.seg_len",
-                f"(pages - 1) * page_size < seg_len <= pages * page_size (page_size = {page_size}), "
-                "or 0 with 0 pages",
+                f"(pages - 1) * page_size < seg_len <= pages * page_size (page_size = {page_size}), or 0 with 0 pages",
                 f"seg_len {int(seg_len[s])} with {int(pages[s])} pages in segment {s}",
             )
         last = check.host(self.seg_pos).long() + seg_len - 1

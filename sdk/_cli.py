@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from kvfuse._device import OP_NAMES
+from kvfuse._errors import KvfuseError
 from kvfuse._registry import Registry, registry
 from kvfuse._version import __version__
 
@@ -105,5 +106,9 @@ def _subcommands() -> list[Subcommand]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_subcommands())
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except KvfuseError as exc:
+        print(f"kvfuse: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return code

@@ -13,9 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
-
 from kvfuse._errors import UnsupportedError
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 if TYPE_CHECKING:
     from kvfuse.ops import RopeConfig, SegmentTable, TransferHandle
@@ -56,9 +55,7 @@ OP_NAMES: tuple[str, ...] = (
 )
 
 OP_FEATURES: dict[str, frozenset[str]] = {
-    "fusion_attention": frozenset(
-        {"gqa", "causal", "non_causal", "window", "softcap", "rope_neox", "rope_gptj"}
-    ),
+    "fusion_attention": frozenset({"gqa", "causal", "non_causal", "window", "softcap", "rope_neox", "rope_gptj"}),
     "rope_rerotate": frozenset({"rope_neox", "rope_gptj"}),
     "copy_pages": frozenset({"non_blocking"}),
 }
@@ -148,11 +145,7 @@ class Capabilities(BaseModel):
             return f"{req.op}.dtype={req.dtype}"
         if req.head_dim is not None and cap.head_dims is not None and req.head_dim not in cap.head_dims:
             return f"{req.op}.head_dim={req.head_dim}"
-        if (
-            req.page_size is not None
-            and cap.page_sizes is not None
-            and req.page_size not in cap.page_sizes
-        ):
+        if req.page_size is not None and cap.page_sizes is not None and req.page_size not in cap.page_sizes:
             return f"{req.op}.page_size={req.page_size}"
         for feature in sorted(req.features - cap.features):
             return f"{req.op}.{feature}"
@@ -223,9 +216,7 @@ class Device(abc.ABC):
         """See :func:`kvfuse.ops.fusion_attention`; ``sm_scale`` is already resolved."""
         raise self._unsupported("fusion_attention")
 
-    def merge_states(
-        self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """See :func:`kvfuse.ops.merge_states`."""
         raise self._unsupported("merge_states")
 

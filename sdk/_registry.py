@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import pluggy
 import torch
-
 from kvfuse import _hookspecs
 from kvfuse._device import API_VERSION, Availability, Device, Requirement
 from kvfuse._errors import (
@@ -79,7 +78,7 @@ class Registry:
                 continue  # the same distribution seen twice on sys.path
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure isolates the plugin
+            except Exception as exc:
                 self._record(ep.name, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}", exc)
                 continue
             self.register(plugin, name=ep.name)
@@ -92,7 +91,7 @@ class Registry:
         """
         try:
             self._pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - pluggy validation errors and others
+        except Exception as exc:
             self._record(name, f"registration failed: {type(exc).__name__}: {exc}", exc)
             return []
         caller = self._pm.subset_hook_caller(
@@ -101,7 +100,7 @@ class Registry:
         )
         try:
             results = caller()
-        except Exception as exc:  # noqa: BLE001 - a raising hook isolates the plugin
+        except Exception as exc:
             self._pm.unregister(plugin)
             self._record(name, f"hook kvfuse_devices raised {type(exc).__name__}: {exc}", exc)
             return []
@@ -133,7 +132,7 @@ class Registry:
                 return f"device name {dev.name!r} is already registered by plugin {self._origin[dev.name]!r}"
             try:
                 caps = dev.capabilities()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return f"device {dev.name!r} capabilities() raised {type(exc).__name__}: {exc}"
             for op in caps.ops:
                 if getattr(type(dev), op) is getattr(Device, op):
@@ -161,10 +160,8 @@ class Registry:
             dev = self.get(name, require_available=False)
             try:
                 self._probes[name] = dev.probe()
-            except Exception as exc:  # noqa: BLE001 - a raising probe means unavailable
-                self._probes[name] = Availability(
-                    available=False, reason=f"probe raised {type(exc).__name__}: {exc}"
-                )
+            except Exception as exc:
+                self._probes[name] = Availability(available=False, reason=f"probe raised {type(exc).__name__}: {exc}")
         return self._probes[name]
 
     def get(self, name: str, *, require_available: bool = True) -> Device:
@@ -232,4 +229,3 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
-

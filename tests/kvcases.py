@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 import kvfuse
+import torch
 
 
 @dataclass

@@ -7,7 +7,6 @@ import concurrent.futures
 from collections.abc import Sequence
 
 import torch
-
 from kvfuse import Availability, Capabilities, Device, RopeConfig, SegmentTable, TransferHandle
 from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
 
@@ -72,7 +71,12 @@ class ReferenceDevice(Device):
         return _moves.gather_pages_reference(k_pages, v_pages, page_ids)
 
     def scatter_pages(
-        self, k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+        self,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
     ) -> None:
         _moves.scatter_pages_reference(k_buf, v_buf, k_pages, v_pages, page_ids)
 

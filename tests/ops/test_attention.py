@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import kvfuse
 import pytest
 import torch
 from kvcases import TOL, Problem, assert_close_lse, dense_attention, make_problem
-
-import kvfuse
 from kvfuse.ops._attention import fusion_attention_reference
 
 # requests: segments (length, pos) with gaps, out-of-order positions and empty segments
@@ -26,7 +25,9 @@ def _call(p: Problem, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 64), (8, 2, 80), (7, 1, 128)], ids=["mha", "gqa4-hd80", "gqa7-hd128"])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"), [(4, 4, 64), (8, 2, 80), (7, 1, 128)], ids=["mha", "gqa4-hd80", "gqa7-hd128"]
+)
 @pytest.mark.parametrize(
     "kw",
     [

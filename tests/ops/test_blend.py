@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import kvfuse
+import torch
 from kvfuse.ops import blend_count
 
 

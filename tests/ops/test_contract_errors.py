@@ -7,11 +7,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import kvfuse
 import pytest
 import torch
 from kvcases import make_problem
-
-import kvfuse
 
 I32 = torch.int32
 
@@ -53,12 +52,24 @@ ATTN_CASES = {
     "q-indptr-end": ({"q_indptr": _i(0, 2, 4)}, kvfuse.IndexRangeError, "q_indptr"),
     "q-pos-negative": ({"q_pos": _i(45, -1, 3)}, kvfuse.IndexRangeError, "q_pos"),
     "q-pos-length": ({"q_pos": _i(45, 46)}, kvfuse.ShapeError, "q_pos"),
-    "page-out-of-range": ({"segments": _seg(page_indices=_seg().page_indices.index_fill(0, torch.tensor([3]), 99))}, kvfuse.IndexRangeError, "segments.page_indices"),
+    "page-out-of-range": (
+        {"segments": _seg(page_indices=_seg().page_indices.index_fill(0, torch.tensor([3]), 99))},
+        kvfuse.IndexRangeError,
+        "segments.page_indices",
+    ),
     "seg-len-too-long": ({"segments": _seg(seg_len=_i(20, 9, 16))}, kvfuse.ShapeError, "segments.seg_len"),
     "seg-len-too-short": ({"segments": _seg(seg_len=_i(8, 5, 16))}, kvfuse.ShapeError, "segments.seg_len"),
     "seg-pos-negative": ({"segments": _seg(seg_pos=_i(40, -3, 0))}, kvfuse.IndexRangeError, "segments.seg_pos"),
-    "seg-indptr-int64": ({"segments": _seg(seg_indptr=torch.tensor([0, 2, 3]))}, kvfuse.DTypeError, "segments.seg_indptr"),
-    "page-indptr-decreasing": ({"segments": _seg(page_indptr=_i(0, 3, 2, 6))}, kvfuse.IndexRangeError, "segments.page_indptr"),
+    "seg-indptr-int64": (
+        {"segments": _seg(seg_indptr=torch.tensor([0, 2, 3]))},
+        kvfuse.DTypeError,
+        "segments.seg_indptr",
+    ),
+    "page-indptr-decreasing": (
+        {"segments": _seg(page_indptr=_i(0, 3, 2, 6))},
+        kvfuse.IndexRangeError,
+        "segments.page_indptr",
+    ),
     "segments-type": ({"segments": "pages"}, kvfuse.InvalidValueError, "segments"),
     "v-shape": ({"v_pages": torch.randn(5, 8, 2, 8)}, kvfuse.ShapeError, "v_pages"),
     "pool-non-contiguous": ({"k_pages": torch.randn(9, 2, 8, 16).transpose(1, 2)}, kvfuse.ShapeError, "k_pages"),
@@ -123,29 +134,111 @@ kp, vp = _pool()
 _add("merge-nan-lse", kvfuse.merge_states, (_merge_states(math.nan),), kvfuse.InvalidValueError, "states[1].lse")
 _add("merge-pos-inf-lse", kvfuse.merge_states, (_merge_states(math.inf),), kvfuse.InvalidValueError, "states[1].lse")
 _add("merge-empty", kvfuse.merge_states, ([],), kvfuse.InvalidValueError, "states")
-_add("merge-lse-fp16", kvfuse.merge_states, ([(torch.randn(3, 2, 8), torch.zeros(3, 2, dtype=torch.float16))],), kvfuse.DTypeError, "states[0].lse")
-_add("merge-shape", kvfuse.merge_states, ([(torch.randn(3, 2, 8), torch.zeros(3, 2)), (torch.randn(3, 2, 4), torch.zeros(3, 2))],), kvfuse.ShapeError, "states[1].out")
-_add("append-slot-range", kvfuse.append_kv, (torch.randn(2, 2, 8), torch.randn(2, 2, 8), kp, vp, torch.tensor([3, 24])), kvfuse.IndexRangeError, "slot_mapping")
-_add("append-slot-dup", kvfuse.append_kv, (torch.randn(3, 2, 8), torch.randn(3, 2, 8), kp, vp, torch.tensor([3, -1, 3])), kvfuse.IndexRangeError, "slot_mapping")
-_add("append-slot-int32", kvfuse.append_kv, (torch.randn(2, 2, 8), torch.randn(2, 2, 8), kp, vp, _i(3, 4)), kvfuse.DTypeError, "slot_mapping")
-_add("append-heads", kvfuse.append_kv, (torch.randn(2, 1, 8), torch.randn(2, 1, 8), kp, vp, torch.tensor([3, 4])), kvfuse.ShapeError, "k")
-_add("append-dtype", kvfuse.append_kv, (torch.randn(2, 2, 8).half(), torch.randn(2, 2, 8).half(), kp, vp, torch.tensor([3, 4])), kvfuse.DTypeError, "k")
+_add(
+    "merge-lse-fp16",
+    kvfuse.merge_states,
+    ([(torch.randn(3, 2, 8), torch.zeros(3, 2, dtype=torch.float16))],),
+    kvfuse.DTypeError,
+    "states[0].lse",
+)
+_add(
+    "merge-shape",
+    kvfuse.merge_states,
+    ([(torch.randn(3, 2, 8), torch.zeros(3, 2)), (torch.randn(3, 2, 4), torch.zeros(3, 2))],),
+    kvfuse.ShapeError,
+    "states[1].out",
+)
+_add(
+    "append-slot-range",
+    kvfuse.append_kv,
+    (torch.randn(2, 2, 8), torch.randn(2, 2, 8), kp, vp, torch.tensor([3, 24])),
+    kvfuse.IndexRangeError,
+    "slot_mapping",
+)
+_add(
+    "append-slot-dup",
+    kvfuse.append_kv,
+    (torch.randn(3, 2, 8), torch.randn(3, 2, 8), kp, vp, torch.tensor([3, -1, 3])),
+    kvfuse.IndexRangeError,
+    "slot_mapping",
+)
+_add(
+    "append-slot-int32",
+    kvfuse.append_kv,
+    (torch.randn(2, 2, 8), torch.randn(2, 2, 8), kp, vp, _i(3, 4)),
+    kvfuse.DTypeError,
+    "slot_mapping",
+)
+_add(
+    "append-heads",
+    kvfuse.append_kv,
+    (torch.randn(2, 1, 8), torch.randn(2, 1, 8), kp, vp, torch.tensor([3, 4])),
+    kvfuse.ShapeError,
+    "k",
+)
+_add(
+    "append-dtype",
+    kvfuse.append_kv,
+    (torch.randn(2, 2, 8).half(), torch.randn(2, 2, 8).half(), kp, vp, torch.tensor([3, 4])),
+    kvfuse.DTypeError,
+    "k",
+)
 _add("gather-range", kvfuse.gather_pages, (kp, vp, _i(0, 6)), kvfuse.IndexRangeError, "page_ids")
 _add("gather-negative", kvfuse.gather_pages, (kp, vp, _i(-1)), kvfuse.IndexRangeError, "page_ids")
 _add("gather-ids-int64", kvfuse.gather_pages, (kp, vp, torch.tensor([1])), kvfuse.DTypeError, "page_ids")
-_add("scatter-dup", kvfuse.scatter_pages, (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), kp, vp, _i(1, 1)), kvfuse.IndexRangeError, "page_ids")
-_add("scatter-buf-shape", kvfuse.scatter_pages, (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), kp, vp, _i(1, 2, 3)), kvfuse.ShapeError, "k_buf")
+_add(
+    "scatter-dup",
+    kvfuse.scatter_pages,
+    (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), kp, vp, _i(1, 1)),
+    kvfuse.IndexRangeError,
+    "page_ids",
+)
+_add(
+    "scatter-buf-shape",
+    kvfuse.scatter_pages,
+    (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), kp, vp, _i(1, 2, 3)),
+    kvfuse.ShapeError,
+    "k_buf",
+)
 dk, dv = _pool(3)
-_add("copy-geometry", kvfuse.copy_pages, (kp, vp, _i(0), torch.randn(3, 8, 2, 8), torch.randn(3, 8, 2, 8), _i(0)), kvfuse.ShapeError, "dst_k")
+_add(
+    "copy-geometry",
+    kvfuse.copy_pages,
+    (kp, vp, _i(0), torch.randn(3, 8, 2, 8), torch.randn(3, 8, 2, 8), _i(0)),
+    kvfuse.ShapeError,
+    "dst_k",
+)
 _add("copy-dtype", kvfuse.copy_pages, (kp, vp, _i(0), dk.half(), dv.half(), _i(0)), kvfuse.DTypeError, "dst_k")
 _add("copy-dst-dup", kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2, 2)), kvfuse.IndexRangeError, "dst_ids")
 _add("copy-lengths", kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2)), kvfuse.ShapeError, "dst_ids")
 _add("copy-dst-range", kvfuse.copy_pages, (kp, vp, _i(0), dk, dv, _i(3)), kvfuse.IndexRangeError, "dst_ids")
-_add("copy-same-pool-overlap", kvfuse.copy_pages, (kp, vp, _i(0, 1), kp, vp, _i(1, 2)), kvfuse.IndexRangeError, "dst_ids")
-_add("rerotate-pos-past-table", kvfuse.rope_rerotate, (torch.randn(2, 1, 8), _i(0, 1), _i(0, 10), kvfuse.RopeConfig(max_position=10)), kvfuse.IndexRangeError, "new_pos")
-_add("rerotate-pos-length", kvfuse.rope_rerotate, (torch.randn(2, 1, 8), _i(0), _i(0, 1), kvfuse.RopeConfig()), kvfuse.ShapeError, "old_pos")
-_add("blend-ratio", kvfuse.blend_select, (torch.randn(4, 1, 8), torch.randn(4, 1, 8), 1.5), kvfuse.InvalidValueError, "ratio")
-_add("blend-shape", kvfuse.blend_select, (torch.randn(4, 1, 8), torch.randn(5, 1, 8), 0.5), kvfuse.ShapeError, "k_fresh")
+_add(
+    "copy-same-pool-overlap", kvfuse.copy_pages, (kp, vp, _i(0, 1), kp, vp, _i(1, 2)), kvfuse.IndexRangeError, "dst_ids"
+)
+_add(
+    "rerotate-pos-past-table",
+    kvfuse.rope_rerotate,
+    (torch.randn(2, 1, 8), _i(0, 1), _i(0, 10), kvfuse.RopeConfig(max_position=10)),
+    kvfuse.IndexRangeError,
+    "new_pos",
+)
+_add(
+    "rerotate-pos-length",
+    kvfuse.rope_rerotate,
+    (torch.randn(2, 1, 8), _i(0), _i(0, 1), kvfuse.RopeConfig()),
+    kvfuse.ShapeError,
+    "old_pos",
+)
+_add(
+    "blend-ratio",
+    kvfuse.blend_select,
+    (torch.randn(4, 1, 8), torch.randn(4, 1, 8), 1.5),
+    kvfuse.InvalidValueError,
+    "ratio",
+)
+_add(
+    "blend-shape", kvfuse.blend_select, (torch.randn(4, 1, 8), torch.randn(5, 1, 8), 0.5), kvfuse.ShapeError, "k_fresh"
+)
 
 
 @pytest.mark.parametrize("case", MOVE_CASES)

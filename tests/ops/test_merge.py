@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import math
 
+import kvfuse
 import pytest
 import torch
 from kvcases import TOL, assert_close_lse
-
-import kvfuse
 
 
 def _dense_merge(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import kvfuse
 import pytest
 import torch
-
-import kvfuse
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _pool(num_pages: int = 12, page_size: int = 4, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool(
+    num_pages: int = 12, page_size: int = 4, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(2, num_pages, page_size, 2, 8, generator=g).to(dtype)
     return kv[0], kv[1]  # slices of one [2, ...] tensor are allowed
@@ -71,7 +72,9 @@ def test_copy_pages_between_pools(non_blocking: bool) -> None:
 def test_copy_within_one_pool_disjoint_ids() -> None:
     kp, vp = _pool()
     before = kp.clone()
-    kvfuse.copy_pages(kp, vp, torch.tensor([1, 2], dtype=torch.int32), kp, vp, torch.tensor([3, 4], dtype=torch.int32)).wait()
+    kvfuse.copy_pages(
+        kp, vp, torch.tensor([1, 2], dtype=torch.int32), kp, vp, torch.tensor([3, 4], dtype=torch.int32)
+    ).wait()
     assert torch.equal(kp[3], before[1]) and torch.equal(kp[4], before[2]) and torch.equal(kp[1], before[1])
 
 

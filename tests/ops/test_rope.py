@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import math
 
+import kvfuse
 import pytest
 import torch
-
-import kvfuse
 
 
 def test_table_is_hf_fp32() -> None:

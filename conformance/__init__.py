@@ -1,0 +1,1 @@
+"""kvfuse conformance suite: the cases every device plugin must pass (see issue 3)."""
