@@ -19,7 +19,7 @@ from kvfuse._version import __version__
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOTHING = 0, 1, 4, 5
 
 Subcommand = Callable[[argparse.ArgumentParser, Any], None]
-"""Registers one subcommand: ``(subparsers action) -> None``; sets ``func`` on its parser."""
+"""Registers one subcommand: ``(parser, subparsers action) -> None``; sets ``func`` on it."""
 
 
 class _Parser(argparse.ArgumentParser):

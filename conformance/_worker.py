@@ -1,0 +1,31 @@
+"""Isolated worker: ``python -m kvfuse.conformance._worker DEVICE SEED`` reads case ids from
+stdin, one per line, and writes one result line per case to stdout (JSON after a marker,
+so anything a device prints cannot be mistaken for a result). No pickle is involved."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+MARKER = "@@kvfuse-result@@ "
+
+
+def main() -> int:
+    from kvfuse.conformance._cases import get_case
+    from kvfuse.conformance._execute import execute
+
+    device, seed = sys.argv[1], int(sys.argv[2])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # device chatter goes to stderr
+    for line in sys.stdin:
+        case_id = line.strip()
+        if not case_id:
+            continue
+        outcome = execute(get_case(case_id), device, seed)
+        out.write(MARKER + json.dumps({"id": case_id, **outcome.to_dict()}) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
