@@ -10,11 +10,12 @@ STAMP  := $(VENV)/.kvfuse-installed
 
 .PHONY: run test lint typecheck clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile examples/vendor_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps -e examples/vendor_plugin
 	touch $@
 
 run: $(STAMP)
@@ -23,6 +24,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(VENV)/bin/kvfuse conformance run --device reference --device acme --profile standard \
+		--json reports/conformance.json --junitxml reports/conformance.xml > reports.log || (tail -40 reports.log; exit 1)
+	cd examples && ../$(PY) -m pytest -q -p no:cacheprovider --pyargs kvfuse.conformance --kvfuse-device=acme --kvfuse-profile=smoke
 	$(PY) tools/typecheck.py
 	$(PY) -m ruff check sdk ops devices conformance tests examples tools
 

@@ -9,9 +9,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 import kvfuse
+import torch
 from kvfuse.conformance._cases import Case
 
 I32 = torch.int32
@@ -29,10 +28,13 @@ def _attention(**over: Any) -> Call:
     fields = {f: getattr(seg, f) for f in ("seg_indptr", "page_indptr", "page_indices", "seg_len", "seg_pos")}
     fields.update({k.removeprefix("seg."): over.pop(k) for k in list(over) if k.startswith("seg.")})
     kw: dict[str, Any] = {
-        "q": torch.randn(3, 4, 16, generator=g), "q_indptr": _i(0, 2, 3), "q_pos": _i(45, 46, 3),
-        "k_pages": torch.randn(9, 8, 2, 16, generator=g), "v_pages": torch.randn(9, 8, 2, 16, generator=g),
+        "q": torch.randn(3, 4, 16, generator=g),
+        "q_indptr": _i(0, 2, 3),
+        "q_pos": _i(45, 46, 3),
+        "k_pages": torch.randn(9, 8, 2, 16, generator=g),
+        "v_pages": torch.randn(9, 8, 2, 16, generator=g),
         "segments": kvfuse.SegmentTable(**fields),
-    }  # fmt: skip
+    }
     kw.update(over)
     return kvfuse.fusion_attention, (), kw
 
@@ -72,88 +74,167 @@ def _catalogue() -> dict[str, tuple[Callable[[], Call], type[kvfuse.KvfuseError]
         "fusion_attention/q-pos-negative": (lambda: fa(q_pos=_i(45, -1, 3)), E.IndexRangeError, "q_pos"),
         "fusion_attention/q-pos-length": (lambda: fa(q_pos=_i(45, 46)), E.ShapeError, "q_pos"),
         "fusion_attention/page-out-of-range": (
-            lambda: fa(**{"seg.page_indices": _i(8, 1, 6, 99, 0, 7)}), E.IndexRangeError, "segments.page_indices"),
+            lambda: fa(**{"seg.page_indices": _i(8, 1, 6, 99, 0, 7)}),
+            E.IndexRangeError,
+            "segments.page_indices",
+        ),
         "fusion_attention/seg-len-too-long": (
-            lambda: fa(**{"seg.seg_len": _i(20, 9, 16)}), E.ShapeError, "segments.seg_len"),
+            lambda: fa(**{"seg.seg_len": _i(20, 9, 16)}),
+            E.ShapeError,
+            "segments.seg_len",
+        ),
         "fusion_attention/seg-len-too-short": (
-            lambda: fa(**{"seg.seg_len": _i(8, 5, 16)}), E.ShapeError, "segments.seg_len"),
+            lambda: fa(**{"seg.seg_len": _i(8, 5, 16)}),
+            E.ShapeError,
+            "segments.seg_len",
+        ),
         "fusion_attention/seg-pos-negative": (
-            lambda: fa(**{"seg.seg_pos": _i(40, -3, 0)}), E.IndexRangeError, "segments.seg_pos"),
+            lambda: fa(**{"seg.seg_pos": _i(40, -3, 0)}),
+            E.IndexRangeError,
+            "segments.seg_pos",
+        ),
         "fusion_attention/seg-indptr-int64": (
-            lambda: fa(**{"seg.seg_indptr": torch.tensor([0, 2, 3])}), E.DTypeError, "segments.seg_indptr"),
+            lambda: fa(**{"seg.seg_indptr": torch.tensor([0, 2, 3])}),
+            E.DTypeError,
+            "segments.seg_indptr",
+        ),
         "fusion_attention/page-indptr-decreasing": (
-            lambda: fa(**{"seg.page_indptr": _i(0, 3, 2, 6)}), E.IndexRangeError, "segments.page_indptr"),
+            lambda: fa(**{"seg.page_indptr": _i(0, 3, 2, 6)}),
+            E.IndexRangeError,
+            "segments.page_indptr",
+        ),
         "fusion_attention/segments-type": (lambda: fa(segments="pages"), E.InvalidValueError, "segments"),
         "fusion_attention/v-shape": (lambda: fa(v_pages=_t(5, 8, 2, 8)), E.ShapeError, "v_pages"),
         "fusion_attention/pool-non-contiguous": (
-            lambda: fa(k_pages=_t(9, 2, 8, 16).transpose(1, 2)), E.ShapeError, "k_pages"),
+            lambda: fa(k_pages=_t(9, 2, 8, 16).transpose(1, 2)),
+            E.ShapeError,
+            "k_pages",
+        ),
         "fusion_attention/softcap-negative": (lambda: fa(softcap=-1.0), E.InvalidValueError, "softcap"),
         "fusion_attention/sm-scale-zero": (lambda: fa(sm_scale=0.0), E.InvalidValueError, "sm_scale"),
         "fusion_attention/window-float": (lambda: fa(window_left=1.5), E.InvalidValueError, "window_left"),
         "fusion_attention/rope-odd-dim": (lambda: fa(rope=rope(rotary_dim=7)), E.InvalidValueError, "rope.rotary_dim"),
         "fusion_attention/rope-q-past-table": (lambda: fa(rope=rope(max_position=46)), E.IndexRangeError, "q_pos"),
         "fusion_attention/rope-k-past-table": (
-            lambda: fa(rope=rope(max_position=50)), E.InvalidValueError, "segments.seg_pos"),
-        "merge_states/nan-lse": (lambda: (kvfuse.merge_states, (_states(math.nan),), {}), E.InvalidValueError,
-                                 "states[1].lse"),
-        "merge_states/pos-inf-lse": (lambda: (kvfuse.merge_states, (_states(math.inf),), {}), E.InvalidValueError,
-                                     "states[1].lse"),
+            lambda: fa(rope=rope(max_position=50)),
+            E.InvalidValueError,
+            "segments.seg_pos",
+        ),
+        "merge_states/nan-lse": (
+            lambda: (kvfuse.merge_states, (_states(math.nan),), {}),
+            E.InvalidValueError,
+            "states[1].lse",
+        ),
+        "merge_states/pos-inf-lse": (
+            lambda: (kvfuse.merge_states, (_states(math.inf),), {}),
+            E.InvalidValueError,
+            "states[1].lse",
+        ),
         "merge_states/empty": (lambda: (kvfuse.merge_states, ([],), {}), E.InvalidValueError, "states"),
         "merge_states/lse-fp16": (
             lambda: (kvfuse.merge_states, ([(_t(3, 2, 8), torch.zeros(3, 2, dtype=torch.float16))],), {}),
-            E.DTypeError, "states[0].lse"),
+            E.DTypeError,
+            "states[0].lse",
+        ),
         "merge_states/shape": (
             lambda: (kvfuse.merge_states, ([(_t(3, 2, 8), torch.zeros(3, 2)), (_t(3, 2, 4), torch.zeros(3, 2))],), {}),
-            E.ShapeError, "states[1].out"),
+            E.ShapeError,
+            "states[1].out",
+        ),
         "append_kv/slot-range": (
             lambda: (kvfuse.append_kv, (_t(2, 2, 8), _t(2, 2, 8), kp, vp, torch.tensor([3, 24])), {}),
-            E.IndexRangeError, "slot_mapping"),
+            E.IndexRangeError,
+            "slot_mapping",
+        ),
         "append_kv/slot-duplicate": (
             lambda: (kvfuse.append_kv, (_t(3, 2, 8), _t(3, 2, 8), kp, vp, torch.tensor([3, -1, 3])), {}),
-            E.IndexRangeError, "slot_mapping"),
+            E.IndexRangeError,
+            "slot_mapping",
+        ),
         "append_kv/slot-int32": (
-            lambda: (kvfuse.append_kv, (_t(2, 2, 8), _t(2, 2, 8), kp, vp, _i(3, 4)), {}), E.DTypeError, "slot_mapping"),
+            lambda: (kvfuse.append_kv, (_t(2, 2, 8), _t(2, 2, 8), kp, vp, _i(3, 4)), {}),
+            E.DTypeError,
+            "slot_mapping",
+        ),
         "append_kv/heads": (
             lambda: (kvfuse.append_kv, (_t(2, 1, 8), _t(2, 1, 8), kp, vp, torch.tensor([3, 4])), {}),
-            E.ShapeError, "k"),
+            E.ShapeError,
+            "k",
+        ),
         "append_kv/dtype": (
             lambda: (kvfuse.append_kv, (_t(2, 2, 8).half(), _t(2, 2, 8).half(), kp, vp, torch.tensor([3, 4])), {}),
-            E.DTypeError, "k"),
+            E.DTypeError,
+            "k",
+        ),
         "gather_pages/range": (lambda: (kvfuse.gather_pages, (kp, vp, _i(0, 6)), {}), E.IndexRangeError, "page_ids"),
         "gather_pages/negative": (lambda: (kvfuse.gather_pages, (kp, vp, _i(-1)), {}), E.IndexRangeError, "page_ids"),
         "gather_pages/ids-int64": (
-            lambda: (kvfuse.gather_pages, (kp, vp, torch.tensor([1])), {}), E.DTypeError, "page_ids"),
+            lambda: (kvfuse.gather_pages, (kp, vp, torch.tensor([1])), {}),
+            E.DTypeError,
+            "page_ids",
+        ),
         "scatter_pages/duplicate": (
             lambda: (kvfuse.scatter_pages, (_t(2, 4, 2, 8), _t(2, 4, 2, 8), kp, vp, _i(1, 1)), {}),
-            E.IndexRangeError, "page_ids"),
+            E.IndexRangeError,
+            "page_ids",
+        ),
         "scatter_pages/buf-shape": (
             lambda: (kvfuse.scatter_pages, (_t(2, 4, 2, 8), _t(2, 4, 2, 8), kp, vp, _i(1, 2, 3)), {}),
-            E.ShapeError, "k_buf"),
+            E.ShapeError,
+            "k_buf",
+        ),
         "copy_pages/geometry": (
             lambda: (kvfuse.copy_pages, (kp, vp, _i(0), _t(3, 8, 2, 8), _t(3, 8, 2, 8), _i(0)), {}),
-            E.ShapeError, "dst_k"),
+            E.ShapeError,
+            "dst_k",
+        ),
         "copy_pages/dtype": (
-            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk.half(), dv.half(), _i(0)), {}), E.DTypeError, "dst_k"),
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk.half(), dv.half(), _i(0)), {}),
+            E.DTypeError,
+            "dst_k",
+        ),
         "copy_pages/dst-duplicate": (
-            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2, 2)), {}), E.IndexRangeError, "dst_ids"),
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2, 2)), {}),
+            E.IndexRangeError,
+            "dst_ids",
+        ),
         "copy_pages/lengths": (
-            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2)), {}), E.ShapeError, "dst_ids"),
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), dk, dv, _i(2)), {}),
+            E.ShapeError,
+            "dst_ids",
+        ),
         "copy_pages/dst-range": (
-            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk, dv, _i(3)), {}), E.IndexRangeError, "dst_ids"),
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk, dv, _i(3)), {}),
+            E.IndexRangeError,
+            "dst_ids",
+        ),
         "copy_pages/same-pool-overlap": (
-            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), kp, vp, _i(1, 2)), {}), E.IndexRangeError, "dst_ids"),
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), kp, vp, _i(1, 2)), {}),
+            E.IndexRangeError,
+            "dst_ids",
+        ),
         "rope_rerotate/pos-past-table": (
             lambda: (kvfuse.rope_rerotate, (_t(2, 1, 8), _i(0, 1), _i(0, 10), rope(max_position=10)), {}),
-            E.IndexRangeError, "new_pos"),
+            E.IndexRangeError,
+            "new_pos",
+        ),
         "rope_rerotate/pos-length": (
-            lambda: (kvfuse.rope_rerotate, (_t(2, 1, 8), _i(0), _i(0, 1), rope()), {}), E.ShapeError, "old_pos"),
-        "blend_select/ratio": (
-            lambda: (kvfuse.blend_select, (*k4, 1.5), {}), E.InvalidValueError, "ratio"),
+            lambda: (kvfuse.rope_rerotate, (_t(2, 1, 8), _i(0), _i(0, 1), rope()), {}),
+            E.ShapeError,
+            "old_pos",
+        ),
+        "blend_select/ratio": (lambda: (kvfuse.blend_select, (*k4, 1.5), {}), E.InvalidValueError, "ratio"),
         "blend_select/shape": (
-            lambda: (kvfuse.blend_select, (_t(4, 1, 8), _t(5, 1, 8), 0.5), {}), E.ShapeError, "k_fresh"),
+            lambda: (kvfuse.blend_select, (_t(4, 1, 8), _t(5, 1, 8), 0.5), {}),
+            E.ShapeError,
+            "k_fresh",
+        ),
         "blend_select/always-range": (
-            lambda: (kvfuse.blend_select, (*k4, 0.5), {"always": torch.tensor([4])}), E.IndexRangeError, "always"),
-    }  # fmt: skip
+            lambda: (kvfuse.blend_select, (*k4, 0.5), {"always": torch.tensor([4])}),
+            E.IndexRangeError,
+            "always",
+        ),
+    }
 
 
 CATALOGUE = _catalogue()
@@ -161,8 +242,10 @@ CATALOGUE = _catalogue()
 
 def bad_input_cases() -> list[Case]:
     profiles = frozenset({"smoke", "standard", "full"})
-    return [Case(f"bad_input/{name}", name.split("/")[0], "bad_input", {"name": name}, "exact", profiles)
-            for name in CATALOGUE]  # fmt: skip
+    return [
+        Case(f"bad_input/{name}", name.split("/")[0], "bad_input", {"name": name}, "exact", profiles)
+        for name in CATALOGUE
+    ]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -195,6 +278,7 @@ def run_bad_input(case: Case, device: str) -> None:
     else:
         raise _Fail(f"expected {err.__name__} naming {arg!r}; the call succeeded")
     for i, (t, b) in enumerate(zip(tensors, before)):
-        if not torch.equal(t.view(torch.uint8) if t.is_floating_point() else t,
-                           b.view(torch.uint8) if b.is_floating_point() else b):  # fmt: skip
+        if not torch.equal(
+            t.view(torch.uint8) if t.is_floating_point() else t, b.view(torch.uint8) if b.is_floating_point() else b
+        ):
             raise _Fail(f"tensor {i} of the call changed although the call was rejected")

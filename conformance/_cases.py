@@ -67,8 +67,15 @@ def _attn(
     **opts: Any,
 ) -> Case:
     """A fusion_attention case on layout ``layout`` (a LAYOUTS key or ``stored{S}-live{L}``)."""
-    params = {"dtype": dtype, "head_dim": d, "num_kv_heads": hkv, "group": group, "page_size": page,
-              "layout": LAYOUTS.get(layout) or _lengths_layout(layout), **opts}  # fmt: skip
+    params = {
+        "dtype": dtype,
+        "head_dim": d,
+        "num_kv_heads": hkv,
+        "group": group,
+        "page_size": page,
+        "layout": LAYOUTS.get(layout) or _lengths_layout(layout),
+        **opts,
+    }
     cid = f"fusion_attention/{dtype}/hd{d}/gqa{group}/p{page}/{layout}/{tag}"
     return Case(cid, "fusion_attention", kind, params, dtype, frozenset(profiles))
 
@@ -112,17 +119,45 @@ def _fusion_attention_cases() -> Iterator[Case]:
             continue  # in the full profile only (largest)
         for dtype in ("fp16", "bf16"):
             smoke = ("smoke",) if stored <= 17 and live <= 1 and dtype == "bf16" else ()
-            yield _attn(dtype, 128, 4, 16, f"stored{stored}-live{live}", tag="rope-neox",
-                        profiles=(*smoke, "standard", "full"), rope=ROPE)  # fmt: skip
+            yield _attn(
+                dtype,
+                128,
+                4,
+                16,
+                f"stored{stored}-live{live}",
+                tag="rope-neox",
+                profiles=(*smoke, "standard", "full"),
+                rope=ROPE,
+            )
     yield _attn("bf16", 128, 4, 16, "stored2048-live129", tag="rope-neox", profiles=("full",), rope=ROPE)
     # invariants: split-and-merge and segment order
     for dtype in DTYPES:
         for inv in ("split-merge", "segment-order"):
-            yield _attn(dtype, 64, 4, 16, "seg4-out-of-order", tag=inv, kind="invariant", invariant=inv,
-                        profiles=("smoke", "standard", "full"), rope=ROPE, softcap=20.0)  # fmt: skip
+            yield _attn(
+                dtype,
+                64,
+                4,
+                16,
+                "seg4-out-of-order",
+                tag=inv,
+                kind="invariant",
+                invariant=inv,
+                profiles=("smoke", "standard", "full"),
+                rope=ROPE,
+                softcap=20.0,
+            )
     # large page ids: a pool of > 32768 pages, segments on the highest ones
-    yield _attn("fp16", 64, 1, 1, "seg3-gapped", hkv=1, tag="pages40000", pool_pages=40000,
-                profiles=("smoke", "standard", "full"))  # fmt: skip
+    yield _attn(
+        "fp16",
+        64,
+        1,
+        1,
+        "seg3-gapped",
+        hkv=1,
+        tag="pages40000",
+        pool_pages=40000,
+        profiles=("smoke", "standard", "full"),
+    )
 
 
 def _other_cases() -> Iterator[Case]:
@@ -130,25 +165,49 @@ def _other_cases() -> Iterator[Case]:
     for dtype in DTYPES:
         for n in (1, 2, 3):
             p = {"dtype": dtype, "num_states": n, "head_dim": 64}
-            yield Case(f"merge_states/{dtype}/n{n}", "merge_states", "value", p, dtype,
-                       frozenset(({"smoke"} if n == 2 else set()) | set(both)))  # fmt: skip
+            yield Case(
+                f"merge_states/{dtype}/n{n}",
+                "merge_states",
+                "value",
+                p,
+                dtype,
+                frozenset(({"smoke"} if n == 2 else set()) | set(both)),
+            )
         for style, rdim in (("neox", None), ("gptj", None), ("neox", 32)):
             p = {"dtype": dtype, "head_dim": 64, "rope": {**ROPE, "style": style, "rotary_dim": rdim}}
             tag = f"{style}" + (f"-r{rdim}" if rdim else "")
-            yield Case(f"rope_rerotate/{dtype}/hd64/{tag}", "rope_rerotate", "value", p, dtype,
-                       frozenset(({"smoke"} if style == "neox" and not rdim else set()) | set(both)))  # fmt: skip
+            yield Case(
+                f"rope_rerotate/{dtype}/hd64/{tag}",
+                "rope_rerotate",
+                "value",
+                p,
+                dtype,
+                frozenset(({"smoke"} if style == "neox" and not rdim else set()) | set(both)),
+            )
         for ratio in (0.0, 0.15, 1.0):
             for always in (False, True):
                 p = {"dtype": dtype, "num_tokens": 97, "ratio": ratio, "always": always}
-                yield Case(f"blend_select/{dtype}/r{ratio}/{'always' if always else 'plain'}", "blend_select",
-                           "value", p, "exact", frozenset(({"smoke"} if ratio == 0.15 else set()) | set(both)))  # fmt: skip
+                yield Case(
+                    f"blend_select/{dtype}/r{ratio}/{'always' if always else 'plain'}",
+                    "blend_select",
+                    "value",
+                    p,
+                    "exact",
+                    frozenset(({"smoke"} if ratio == 0.15 else set()) | set(both)),
+                )
         for page in PAGE_SIZES:
             smoke = {"smoke"} if page == 16 else set()
             base = {"dtype": dtype, "page_size": page, "num_kv_heads": 2, "head_dim": 64, "num_pages": 48}
             for op in ("append_kv", "gather_pages", "scatter_pages", "copy_pages"):
                 yield Case(f"{op}/{dtype}/p{page}", op, "value", base, "exact", frozenset(smoke | set(both)))
-            yield Case(f"copy_pages/{dtype}/p{page}/non-blocking", "copy_pages", "value",
-                       {**base, "non_blocking": True}, "exact", frozenset(both))  # fmt: skip
+            yield Case(
+                f"copy_pages/{dtype}/p{page}/non-blocking",
+                "copy_pages",
+                "value",
+                {**base, "non_blocking": True},
+                "exact",
+                frozenset(both),
+            )
     for op in ("append_kv", "gather_pages", "scatter_pages", "copy_pages"):
         p = {"dtype": "bf16", "page_size": 1, "num_kv_heads": 1, "head_dim": 8, "num_pages": 40000}
         yield Case(f"{op}/bf16/p1/pages40000", op, "value", p, "exact", frozenset(PROFILES))

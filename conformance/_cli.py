@@ -26,8 +26,13 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose id contains SUBSTR")
     p.set_defaults(func=_list)
     p = csub.add_parser("run", help="run the suite")
-    p.add_argument("--device", action="append", dest="devices", metavar="NAME",
-                   help="device to test (repeatable; default: every available device)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        action="append",
+        dest="devices",
+        metavar="NAME",
+        help="device to test (repeatable; default: every available device)",
+    )
     p.add_argument("--profile", choices=PROFILES, default="standard")
     p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose id contains SUBSTR")
     p.add_argument("--json", metavar="PATH", help="write the JSON report here")
@@ -81,8 +86,16 @@ def _run(args: argparse.Namespace) -> int:
     selected = cases(args.profile, args.select)
     progress, on_result, done = _reporter(len(selected) * len(names))
     with progress or _null():
-        report = run_suite(names, selected, profile=args.profile, seed=args.seed, isolate=args.isolate,
-                           timeout=args.timeout, waivers=waivers, on_result=on_result)  # fmt: skip
+        report = run_suite(
+            names,
+            selected,
+            profile=args.profile,
+            seed=args.seed,
+            isolate=args.isolate,
+            timeout=args.timeout,
+            waivers=waivers,
+            on_result=on_result,
+        )
     done()
     for w in waivers:
         if not w.used:
@@ -108,22 +121,27 @@ def _reporter(total: int) -> tuple[Any, Any, Any]:
     if sys.stdout.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn())  # fmt: skip
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
         task = progress.add_task("conformance", total=total)
 
         def on_result(r: Result) -> None:
             progress.update(task, advance=1, description=f"{r.device}: {r.id[:60]}")
             if r.outcome.status in ("failed", "crashed", "timeout"):
-                progress.console.print(f"[red]{r.outcome.status.upper()}[/] {r.device} {r.id}: "
-                                       f"{r.outcome.message.splitlines()[0] if r.outcome.message else ''}")  # fmt: skip
+                progress.console.print(
+                    f"[red]{r.outcome.status.upper()}[/] {r.device} {r.id}: "
+                    f"{r.outcome.message.splitlines()[0] if r.outcome.message else ''}"
+                )
 
         return progress, on_result, lambda: None
 
     def line(r: Result) -> None:
         first = r.outcome.message.splitlines()[0] if r.outcome.message else ""
-        print(f"{r.outcome.status.upper():15} {r.device} {r.id} ({r.outcome.seconds:.3f}s){' ' + first if first else ''}",
-              flush=True)  # fmt: skip
+        print(
+            f"{r.outcome.status.upper():15} {r.device} {r.id} ({r.outcome.seconds:.3f}s){' ' + first if first else ''}",
+            flush=True,
+        )
 
     return None, line, lambda: None
 

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 import kvfuse
+import torch
 from kvfuse.conformance._cases import TOLERANCES, Case
 from kvfuse.conformance._inputs import DTYPE, AttentionInputs, attention_inputs, page_ids, pool
 from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
@@ -49,8 +48,15 @@ def _errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]
     return float(diff.max()), float(rel.max())
 
 
-def _judge(name: str, actual: object, expected: torch.Tensor, dtype: torch.dtype, atol: float, rtol: float,
-           errs: list[tuple[float, float]]) -> None:  # fmt: skip
+def _judge(
+    name: str,
+    actual: object,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    atol: float,
+    rtol: float,
+    errs: list[tuple[float, float]],
+) -> None:
     """``actual`` matches ``expected`` (float64): shape, dtype, -inf pattern, no NaN, tolerance."""
     if not isinstance(actual, torch.Tensor):
         raise _Fail(f"{name}: expected a tensor, got {type(actual).__name__}")
@@ -67,8 +73,10 @@ def _judge(name: str, actual: object, expected: torch.Tensor, dtype: torch.dtype
     bad &= torch.isfinite(expected)
     if bad.any():
         i = tuple(int(x) for x in bad.nonzero()[0])
-        raise _Fail(f"{name}: max |err| {abs_err:.3g} exceeds atol {atol:g} + rtol {rtol:g}·|ref|; "
-                    f"first at {list(i)}: got {float(a[i]):.6g}, want {float(expected[i]):.6g}")  # fmt: skip
+        raise _Fail(
+            f"{name}: max |err| {abs_err:.3g} exceeds atol {atol:g} + rtol {rtol:g}·|ref|; "
+            f"first at {list(i)}: got {float(a[i]):.6g}, want {float(expected[i]):.6g}"
+        )
 
 
 def _exact(name: str, actual: object, expected: torch.Tensor) -> None:
@@ -76,8 +84,10 @@ def _exact(name: str, actual: object, expected: torch.Tensor) -> None:
         got = f"{tuple(actual.shape)} {actual.dtype}" if isinstance(actual, torch.Tensor) else type(actual).__name__
         raise _Fail(f"{name}: expected {tuple(expected.shape)} {expected.dtype}, got {got}")
     a = actual.detach().cpu()
-    if not torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
-                       expected.view(torch.uint8) if expected.is_floating_point() else expected):  # fmt: skip
+    if not torch.equal(
+        a.view(torch.uint8) if a.is_floating_point() else a,
+        expected.view(torch.uint8) if expected.is_floating_point() else expected,
+    ):
         diff = (a != expected).reshape(a.shape[0], -1).any(1).nonzero().reshape(-1).tolist()
         raise _Fail(f"{name}: not bit-exact; differing rows {diff[:8]}")
 
@@ -96,26 +106,35 @@ def _gate(device: str, reqs: list[kvfuse.Requirement], probe: Callable[[], objec
         return missing
     except Exception as exc:
         raise _Fail(f"undeclared {missing} raised {type(exc).__name__} instead of UnsupportedError: {exc}") from exc
-    raise _Fail(f"capability mismatch: {missing} is not declared, but the call succeeded instead of raising "
-                "UnsupportedError")  # fmt: skip
+    raise _Fail(
+        f"capability mismatch: {missing} is not declared, but the call succeeded instead of raising UnsupportedError"
+    )
 
 
 def _fusion_attention(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
     x: AttentionInputs = attention_inputs(case.params, seed)
-    req, _ = _attention.check_fusion_attention(*x.args(), **{"causal": True, "sm_scale": None, "softcap": 0.0,
-                                                             "window_left": -1, "rope": None, **x.kwargs})  # fmt: skip
+    req, _ = _attention.check_fusion_attention(
+        *x.args(), **{"causal": True, "sm_scale": None, "softcap": 0.0, "window_left": -1, "rope": None, **x.kwargs}
+    )
     (oa, orr), (la, lr) = TOLERANCES[case.tolerance]
     ref_out, ref_lse = _attention.fusion_attention_reference(*x.args(), **x.kwargs)
     invariant = case.params.get("invariant")
     reqs = [req, kvfuse.Requirement(op="merge_states", dtype=req.dtype, head_dim=req.head_dim)]
-    missing = _gate(device, reqs[: 2 if invariant == "split-merge" else 1],
-                    lambda: kvfuse.fusion_attention(*x.args(), device=device, **x.kwargs))  # fmt: skip
+    missing = _gate(
+        device,
+        reqs[: 2 if invariant == "split-merge" else 1],
+        lambda: kvfuse.fusion_attention(*x.args(), device=device, **x.kwargs),
+    )
     if missing:
         return missing
     if invariant == "split-merge":
         nseg = max(len(r) for r in x.requests)
-        parts = [kvfuse.fusion_attention(*x.args(x.table(keep={i for i in range(nseg) if i % 2 == half})),
-                                         device=device, **x.kwargs) for half in (0, 1)]  # fmt: skip
+        parts = [
+            kvfuse.fusion_attention(
+                *x.args(x.table(keep={i for i in range(nseg) if i % 2 == half})), device=device, **x.kwargs
+            )
+            for half in (0, 1)
+        ]
         out, lse = kvfuse.merge_states(parts, device=device)
     else:
         table = x.table("reversed" if invariant == "segment-order" else "as-is")

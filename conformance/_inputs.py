@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 import kvfuse
+import torch
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,7 +55,9 @@ def attention_inputs(p: dict[str, Any], seed: int) -> AttentionInputs:
         requests.append([([free.pop() for _ in range(math.ceil(n / page))], n, pos) for n, pos in segs])
     k_pages = torch.randn(num_pages, page, hkv, d, generator=g).to(dtype)
     v_pages = torch.randn(num_pages, page, hkv, d, generator=g).to(dtype)
-    q_pos_lists = p.get("q") or [list(range(r["live"][1], r["live"][1] + r["live"][0])) for r in p["layout"]["requests"]]
+    q_pos_lists = p.get("q") or [
+        list(range(r["live"][1], r["live"][1] + r["live"][0])) for r in p["layout"]["requests"]
+    ]
     flat = [x for r in q_pos_lists for x in r]
     indptr = [0]
     for r in q_pos_lists:
@@ -66,8 +67,9 @@ def attention_inputs(p: dict[str, Any], seed: int) -> AttentionInputs:
     if p.get("rope"):
         kwargs["rope"] = kvfuse.RopeConfig(**p["rope"])
     i32 = torch.int32
-    return AttentionInputs(q, torch.tensor(indptr, dtype=i32), torch.tensor(flat, dtype=i32), k_pages, v_pages,
-                           requests, kwargs)  # fmt: skip
+    return AttentionInputs(
+        q, torch.tensor(indptr, dtype=i32), torch.tensor(flat, dtype=i32), k_pages, v_pages, requests, kwargs
+    )
 
 
 def pool(p: dict[str, Any], g: torch.Generator, num_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,6 +21,7 @@ from typing import IO, Any
 from xml.etree import ElementTree as ET
 
 import kvfuse
+import tomllib
 from kvfuse.conformance._cases import Case
 from kvfuse.conformance._execute import STATUSES, Outcome, execute
 from kvfuse.conformance._worker import MARKER
@@ -70,9 +70,19 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         o = self.outcome
-        return {"id": self.id, "op": self.op, "device": self.device, "status": o.status,
-                "max_abs_err": o.max_abs_err, "max_rel_err": o.max_rel_err, "atol": o.atol, "rtol": o.rtol,
-                "seconds": round(o.seconds, 6), "missing_capability": o.missing_capability, "message": o.message}  # fmt: skip
+        return {
+            "id": self.id,
+            "op": self.op,
+            "device": self.device,
+            "status": o.status,
+            "max_abs_err": o.max_abs_err,
+            "max_rel_err": o.max_rel_err,
+            "atol": o.atol,
+            "rtol": o.rtol,
+            "seconds": round(o.seconds, 6),
+            "missing_capability": o.missing_capability,
+            "message": o.message,
+        }
 
 
 class _Worker:
@@ -86,8 +96,12 @@ class _Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvfuse.conformance._worker", self.device, str(self.seed)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
 
@@ -171,10 +185,21 @@ class Report:
         devs = []
         for name in self.devices:
             d = reg.get(name, require_available=False)
-            devs.append({"name": d.name, "vendor": d.vendor, "api_version": d.api_version,
-                         "capabilities": d.capabilities().model_dump(mode="json")})  # fmt: skip
+            devs.append(
+                {
+                    "name": d.name,
+                    "vendor": d.vendor,
+                    "api_version": d.api_version,
+                    "capabilities": d.capabilities().model_dump(mode="json"),
+                }
+            )
         return {
-            "suite": {"version": SUITE_VERSION, "kvfuse": kvfuse.__version__, "profile": self.profile, "seed": self.seed},
+            "suite": {
+                "version": SUITE_VERSION,
+                "kvfuse": kvfuse.__version__,
+                "profile": self.profile,
+                "seed": self.seed,
+            },
             "host": host_info(),
             "devices": devs,
             "summary": self.summary(),
@@ -185,13 +210,23 @@ class Report:
     def to_junit(self) -> str:
         root = ET.Element("testsuites", name="kvfuse-conformance")
         for device, counts in self.summary().items():
-            suite = ET.SubElement(root, "testsuite", name=f"kvfuse.conformance.{device}",
-                                  tests=str(sum(counts.values())), failures=str(counts["failed"]),
-                                  errors=str(counts["crashed"] + counts["timeout"]),
-                                  skipped=str(counts["not_applicable"] + counts["waived"]))  # fmt: skip
+            suite = ET.SubElement(
+                root,
+                "testsuite",
+                name=f"kvfuse.conformance.{device}",
+                tests=str(sum(counts.values())),
+                failures=str(counts["failed"]),
+                errors=str(counts["crashed"] + counts["timeout"]),
+                skipped=str(counts["not_applicable"] + counts["waived"]),
+            )
             for r in (r for r in self.results if r.device == device):
-                tc = ET.SubElement(suite, "testcase", classname=f"kvfuse.conformance.{device}", name=r.id,
-                                   time=f"{r.outcome.seconds:.6f}")  # fmt: skip
+                tc = ET.SubElement(
+                    suite,
+                    "testcase",
+                    classname=f"kvfuse.conformance.{device}",
+                    name=r.id,
+                    time=f"{r.outcome.seconds:.6f}",
+                )
                 status, msg = r.outcome.status, r.outcome.message
                 if status == "failed":
                     ET.SubElement(tc, "failure", message=msg.splitlines()[0] if msg else "failed").text = msg
@@ -209,8 +244,14 @@ def host_info() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": version("torch"),
-            "onnxruntime": version("onnxruntime"), "openvino": version("openvino"), "triton": version("triton")}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": version("torch"),
+        "onnxruntime": version("onnxruntime"),
+        "openvino": version("openvino"),
+        "triton": version("triton"),
+    }
 
 
 def run_suite(

@@ -22,8 +22,10 @@ def main() -> None:
     v_pages = torch.zeros(32, page_size, hkv, d)
 
     # Two stored documents (40 and 25 tokens), written into pages 3.. and 20..
-    docs = {"doc_a": (torch.randn(40, hkv, d), torch.randn(40, hkv, d), [3, 4, 5]),
-            "doc_b": (torch.randn(25, hkv, d), torch.randn(25, hkv, d), [20, 21])}  # fmt: skip
+    docs = {
+        "doc_a": (torch.randn(40, hkv, d), torch.randn(40, hkv, d), [3, 4, 5]),
+        "doc_b": (torch.randn(25, hkv, d), torch.randn(25, hkv, d), [20, 21]),
+    }
     for k, v, pages in docs.values():
         slots = torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in pages])[: k.shape[0]]
         kvfuse.append_kv(k, v, k_pages, v_pages, slots)
@@ -47,9 +49,11 @@ def main() -> None:
     qr = _rope.rotate(q, cos[q_pos.long()], sin[q_pos.long()], "neox")
     mask = pos[None, :] <= q_pos[:, None].long()
     ref = F.scaled_dot_product_attention(
-        qr.transpose(0, 1), keys.repeat_interleave(hq // hkv, 1).transpose(0, 1),
-        values.repeat_interleave(hq // hkv, 1).transpose(0, 1), attn_mask=mask,
-    ).transpose(0, 1)  # fmt: skip
+        qr.transpose(0, 1),
+        keys.repeat_interleave(hq // hkv, 1).transpose(0, 1),
+        values.repeat_interleave(hq // hkv, 1).transpose(0, 1),
+        attn_mask=mask,
+    ).transpose(0, 1)
     err = (out - ref).abs().max().item()
     print(f"fusion_attention over 2 stored chunks at new positions + live question: max |out - SDPA| = {err:.2e}")
     assert err < 1e-4, err

@@ -91,13 +91,35 @@ def fusion_attention(
         lse: [num_q_tokens, num_q_heads], fp32 — natural log; -inf for a query with no visible key
     """
     req, scale = _attention.check_fusion_attention(
-        q, q_indptr, q_pos, k_pages, v_pages, segments,
-        causal=causal, sm_scale=sm_scale, softcap=softcap, window_left=window_left, rope=rope,
-    )  # fmt: skip
+        q,
+        q_indptr,
+        q_pos,
+        k_pages,
+        v_pages,
+        segments,
+        causal=causal,
+        sm_scale=sm_scale,
+        softcap=softcap,
+        window_left=window_left,
+        rope=rope,
+    )
     out: tuple[torch.Tensor, torch.Tensor] = _run(
-        "fusion_attention", req, q.device, device, q, q_indptr, q_pos, k_pages, v_pages, segments,
-        causal=causal, sm_scale=scale, softcap=float(softcap), window_left=window_left, rope=rope,
-    )  # fmt: skip
+        "fusion_attention",
+        req,
+        q.device,
+        device,
+        q,
+        q_indptr,
+        q_pos,
+        k_pages,
+        v_pages,
+        segments,
+        causal=causal,
+        sm_scale=scale,
+        softcap=float(softcap),
+        window_left=window_left,
+        rope=rope,
+    )
     return out
 
 

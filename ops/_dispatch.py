@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
 from kvfuse._device import Requirement
 from kvfuse._errors import DeviceError, KvfuseError
 from kvfuse._registry import registry

@@ -60,9 +60,15 @@ def make_problem(
     for req in q_pos:
         indptr.append(indptr[-1] + len(req))
     return Problem(
-        q, torch.tensor(indptr, dtype=torch.int32), torch.tensor(flat_pos, dtype=torch.int32),
-        k_pages, v_pages, segments, spec, pages,
-    )  # fmt: skip
+        q,
+        torch.tensor(indptr, dtype=torch.int32),
+        torch.tensor(flat_pos, dtype=torch.int32),
+        k_pages,
+        v_pages,
+        segments,
+        spec,
+        pages,
+    )
 
 
 def _rope_complex(x: torch.Tensor, pos: int, rope: kvfuse.RopeConfig) -> torch.Tensor:
@@ -112,8 +118,11 @@ def dense_attention(
             qi = p.q[i].double()
             if rope:
                 qi = _rope_complex(qi, qp, rope)
-            vis = [j for j, kp in enumerate(kpos)
-                   if (not causal or kp <= qp) and (window_left < 0 or qp - kp <= window_left)]  # fmt: skip
+            vis = [
+                j
+                for j, kp in enumerate(kpos)
+                if (not causal or kp <= qp) and (window_left < 0 or qp - kp <= window_left)
+            ]
             if not vis:
                 continue
             for h in range(hq):

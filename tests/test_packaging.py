@@ -29,8 +29,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     (whl,) = out.glob("kvfuse-*.whl")
     return whl
 
@@ -52,8 +53,9 @@ def test_installed_wheel_runs_without_sources(wheel: Path, tmp_path: Path) -> No
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = (
         "import json, kvfuse, kvfuse._cli as c; print(json.dumps([kvfuse.__file__, c.device_rows(kvfuse.registry())]))"

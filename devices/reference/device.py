@@ -41,9 +41,18 @@ class ReferenceDevice(Device):
         rope: RopeConfig | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = _attention.fusion_attention_reference(
-            q, q_indptr, q_pos, k_pages, v_pages, segments,
-            causal=causal, sm_scale=sm_scale, softcap=softcap, window_left=window_left, rope=rope,
-        )  # fmt: skip
+            q,
+            q_indptr,
+            q_pos,
+            k_pages,
+            v_pages,
+            segments,
+            causal=causal,
+            sm_scale=sm_scale,
+            softcap=softcap,
+            window_left=window_left,
+            rope=rope,
+        )
         return out.to(q.dtype), lse.float()
 
     def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,10 @@ def test_all_is_sorted_complete_and_real() -> None:
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
         public = {
-            n for n, v in vars(mod).items()
+            n
+            for n, v in vars(mod).items()
             if not n.startswith("_") and not isinstance(v, types.ModuleType) and n != "annotations"
-        }  # fmt: skip
+        }
         assert public <= set(mod.__all__), (
             f"{mod.__name__} exports names missing from __all__: {public - set(mod.__all__)}"
         )
