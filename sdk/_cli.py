@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -111,4 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KvfuseError as exc:
         print(f"kvfuse: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except BrokenPipeError:  # e.g. `kvfuse conformance list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # silence the flush at exit
+        return EXIT_OK
     return code

@@ -81,6 +81,13 @@ def test_repro_snippet_runs(tmp_path: Path) -> None:
     assert out.startswith("passed")
 
 
+def test_yaml_waivers(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text("waivers:\n  - device: reference\n    case: 'blend_select/*'\n    reason: r\n    issue: u\n")
+    (w,) = load_waivers(path)
+    assert w.matches("reference", "blend_select/fp16/r0.15/plain") and not w.matches("acme", "blend_select/x")
+
+
 def test_bad_waiver_file(tmp_path: Path) -> None:
     bad = tmp_path / "w.toml"
     bad.write_text('[[waiver]]\ndevice = "x"\n')
