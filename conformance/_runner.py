@@ -27,6 +27,7 @@ from kvfuse.conformance._execute import STATUSES, Outcome, execute
 from kvfuse.conformance._worker import MARKER
 
 SUITE_VERSION = "1"
+STARTUP_TIMEOUT = 120.0  # seconds a worker may take to import and load plugins
 
 
 @dataclass
@@ -126,6 +127,14 @@ class _Worker:
     def run(self, case: Case, timeout: float) -> Outcome:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+            try:  # start-up (imports, plugin loading) is not part of any case's time
+                ready = self.lines.get(timeout=max(timeout, STARTUP_TIMEOUT))
+            except queue.Empty:
+                ready = None
+            if ready is None:
+                tail = self._stderr_tail()
+                self._kill()
+                return Outcome("crashed", message=f"worker failed to start; stderr tail:\n{tail}")
         assert self.proc is not None and self.proc.stdin is not None
         try:
             self.proc.stdin.write(case.id + "\n")

@@ -14,9 +14,14 @@ def main() -> int:
     from kvfuse.conformance._cases import get_case
     from kvfuse.conformance._execute import execute
 
+    import kvfuse
+
     device, seed = sys.argv[1], int(sys.argv[2])
     out = sys.stdout
     sys.stdout = sys.stderr  # device chatter goes to stderr
+    kvfuse.registry().get(device, require_available=False)  # load plugins before the first case's clock
+    out.write(MARKER + json.dumps({"ready": True}) + "\n")
+    out.flush()
     for line in sys.stdin:
         case_id = line.strip()
         if not case_id:
