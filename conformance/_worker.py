@@ -11,10 +11,9 @@ MARKER = "@@kvfuse-result@@ "
 
 
 def main() -> int:
+    import kvfuse
     from kvfuse.conformance._cases import get_case
     from kvfuse.conformance._execute import execute
-
-    import kvfuse
 
     device, seed = sys.argv[1], int(sys.argv[2])
     out = sys.stdout
