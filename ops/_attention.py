@@ -68,7 +68,7 @@ def check_fusion_attention(
     check.dtype("q_pos", q_pos, torch.int32)
     check.on_device("q_pos", q_pos, q.device, "q")
     check.index_range("q_pos", q_pos, 0, 2**31 - 1)
-    segments.validate(batch=batch, num_pages=num_pages, page_size=page_size, device=q.device)
+    top = segments.validate(batch=batch, num_pages=num_pages, page_size=page_size, device=q.device)
     if not isinstance(causal, bool):
         raise InvalidValueError("causal", "a bool", type(causal).__name__)
     scale = d**-0.5 if sm_scale is None else check.number("sm_scale", sm_scale, lo=0.0)
@@ -89,7 +89,6 @@ def check_fusion_attention(
             raise InvalidValueError("rope", "a kvfuse.RopeConfig or None", type(rope).__name__)
         rope.check("rope", d)
         check.index_range("q_pos", q_pos, 0, rope.max_position)
-        top = segments.max_position()
         if top >= rope.max_position:
             raise InvalidValueError("segments.seg_pos", f"key positions < rope.max_position ({rope.max_position})", top)
         features.add(f"rope_{rope.style}")

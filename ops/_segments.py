@@ -112,8 +112,12 @@ class SegmentTable:
         kv_indptr = tok_indptr[self.seg_indptr.long()]
         return FlatSegments(kv_indptr, slots, k_pos)
 
-    def validate(self, *, batch: int, num_pages: int, page_size: int, device: torch.device) -> None:
-        """Check every field against CONTRACTS.md; raises a ContractError naming the field."""
+    def validate(self, *, batch: int, num_pages: int, page_size: int, device: torch.device) -> int:
+        """Check every field against CONTRACTS.md; raises a ContractError naming the field.
+
+        Reads the fields on the host once (one copy each from a GPU). Returns the largest
+        key position in the table, -1 if it has no tokens.
+        """
         for f in _FIELDS:
             t = check.shape(f"segments.{f}", getattr(self, f), [_LAYOUT[f]])
             check.dtype(f"segments.{f}", t, torch.int32)
@@ -122,14 +126,14 @@ class SegmentTable:
         check.shape("segments.seg_indptr", self.seg_indptr, ["batch + 1"], [batch + 1])
         check.shape("segments.page_indptr", self.page_indptr, ["num_segments + 1"], [nseg + 1])
         check.shape("segments.seg_pos", self.seg_pos, ["num_segments"], [nseg])
-        check.non_decreasing("segments.seg_indptr", self.seg_indptr, 0, nseg)
-        nnz = int(self.page_indices.shape[0])
-        check.non_decreasing("segments.page_indptr", self.page_indptr, 0, nnz)
-        check.index_range("segments.page_indices", self.page_indices, 0, num_pages)
-        check.index_range("segments.seg_pos", self.seg_pos, 0, 2**31 - 1)
-        seg_len = check.host(self.seg_len).long()
+        h = {f: check.host(getattr(self, f)).long() for f in _FIELDS}
+        check.non_decreasing("segments.seg_indptr", h["seg_indptr"], 0, nseg)
+        check.non_decreasing("segments.page_indptr", h["page_indptr"], 0, int(h["page_indices"].shape[0]))
+        check.index_range("segments.page_indices", h["page_indices"], 0, num_pages)
+        check.index_range("segments.seg_pos", h["seg_pos"], 0, 2**31 - 1)
+        seg_len = h["seg_len"]
         check.index_range("segments.seg_len", seg_len, 0, 2**31 - 1)
-        pages = check.host(self.page_indptr).long().diff()
+        pages = h["page_indptr"].diff()
         bad = ((seg_len > pages * page_size) | (seg_len <= (pages - 1) * page_size)).nonzero()
         if bad.numel():
             s = int(bad[0, 0])
@@ -138,14 +142,9 @@ class SegmentTable:
                 f"(pages - 1) * page_size < seg_len <= pages * page_size (page_size = {page_size}), or 0 with 0 pages",
                 f"seg_len {int(seg_len[s])} with {int(pages[s])} pages in segment {s}",
             )
-        last = check.host(self.seg_pos).long() + seg_len - 1
+        last = h["seg_pos"] + seg_len - 1
         check.index_range("segments.seg_pos + seg_len", last, -1, 2**31 - 1)
-
-    def max_position(self) -> int:
-        """The largest key position in the table (-1 if it has no tokens)."""
-        seg_len = check.host(self.seg_len).long()
-        last = check.host(self.seg_pos).long() + seg_len - 1
-        last = last[seg_len > 0]
+        last = last[seg_len > 0]  # empty segments hold no key
         return int(last.max()) if last.numel() else -1
 
 
