@@ -123,3 +123,12 @@ def test_segment_order_does_not_change_result() -> None:
         out, lse = kvfuse.fusion_attention(*p.args(), table, device="reference")
         torch.testing.assert_close(out, base[0], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(lse, base[1], atol=1e-6, rtol=1e-6)
+
+
+def test_empty_segment_position_is_not_a_key_position() -> None:
+    """An empty segment holds no key, so its position may lie past the RoPE table."""
+    p = make_problem([[(5, 0), (0, 0)]], [[4]], seed=2)
+    table = kvfuse.SegmentTable.from_lists([[(p.pages[0][0], 5, 0), ([], 0, 5000)]])
+    out, _ = kvfuse.fusion_attention(*p.args(), table, rope=kvfuse.RopeConfig(max_position=64), device="reference")
+    ref, _ = kvfuse.fusion_attention(*p.args(), p.segments, rope=kvfuse.RopeConfig(max_position=64), device="reference")
+    assert torch.equal(out, ref)
