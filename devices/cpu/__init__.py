@@ -1,0 +1,13 @@
+"""The cpu device plugin: fusion attention as OpenVINO models, moves in vectorised torch."""
+
+from __future__ import annotations
+
+from kvfuse import Device, hookimpl
+from kvfuse.devices.cpu.device import CpuDevice
+
+__all__ = ["CpuDevice", "kvfuse_devices"]
+
+
+@hookimpl
+def kvfuse_devices() -> list[Device]:
+    return [CpuDevice()]

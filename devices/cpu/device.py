@@ -1,0 +1,170 @@
+"""CpuDevice: Intel/x86 through OpenVINO's CPU plugin.
+
+fusion_attention runs as a compiled OpenVINO model (``attention.py``); the ops OpenVINO
+does not fit (moves, merge, rope_rerotate, blend_select) are vectorised torch on host
+memory. fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
+otherwise run them in bf16 on AVX-512 BF16 parts); fp16/bf16 inputs are upcast in the
+graph and accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from kvfuse import (
+    Availability,
+    Capabilities,
+    Device,
+    DeviceError,
+    RopeConfig,
+    SegmentTable,
+    TransferHandle,
+)
+from kvfuse.devices.cpu import moves
+from kvfuse.devices.cpu.attention import OV_TYPES, ModelCache, Signature
+from kvfuse.ops import _rope
+
+_copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
+
+
+def _ov_input(t: torch.Tensor) -> object:
+    """A zero-copy OpenVINO view of a contiguous host tensor (bf16 via its raw bits)."""
+    import openvino as ov
+
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return ov.Tensor(t.view(torch.int16).numpy(), list(t.shape), ov.Type.bf16)
+    return ov.Tensor(t.numpy(), shared_memory=True)
+
+
+class CpuDevice(Device):
+    name = "cpu"
+    vendor = "Intel/x86 (OpenVINO CPU plugin)"
+    torch_device_type = "cpu"
+    priority = 10
+
+    def __init__(self) -> None:
+        self.models = ModelCache(int(os.environ.get("KVFUSE_CPU_MODEL_CACHE", "32")))
+
+    def probe(self) -> Availability:
+        if importlib.util.find_spec("openvino") is None:
+            return Availability(available=False, reason="openvino is not installed (pip install 'kvfuse[cpu]')")
+        try:
+            import openvino as ov
+
+            devices = ov.Core().available_devices
+        except Exception as exc:
+            return Availability(available=False, reason=f"OpenVINO failed to start: {exc}")
+        if "CPU" not in devices:
+            return Availability(available=False, reason=f"OpenVINO has no CPU plugin (devices: {devices})")
+        return Availability(
+            available=True, reason="OpenVINO CPU plugin", mode=f"OpenVINO {ov.__version__.split('-')[0]}"
+        )
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities.full(reach=("cpu",))
+
+    # -- attention ----------------------------------------------------------------------
+
+    def fusion_attention(
+        self,
+        q: torch.Tensor,
+        q_indptr: torch.Tensor,
+        q_pos: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        segments: SegmentTable,
+        *,
+        causal: bool,
+        sm_scale: float,
+        softcap: float,
+        window_left: int,
+        rope: RopeConfig | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_q, hq, d = q.shape
+        _, page_size, hkv, _ = k_pages.shape
+        rotary = rope.dims(d) if rope is not None else 0
+        sig = Signature(OV_TYPES[q.dtype], hq, hkv, d, causal, window_left >= 0, softcap > 0,
+                        rope.style if rope is not None else None, rotary, "f32")  # fmt: skip
+        flat = segments.flatten(page_size)
+        # every KV token of the batch in one gather, no Python loop per token
+        keys = torch.index_select(k_pages.view(-1, hkv, d), 0, flat.slots)
+        values = torch.index_select(v_pages.view(-1, hkv, d), 0, flat.slots)
+        if rope is not None:
+            cos, sin = rope.table(d)
+        else:
+            cos = sin = torch.zeros(1, 1)
+        out = torch.zeros(num_q, hq, d, dtype=torch.float32)
+        lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
+        qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
+        q_pos64 = q_pos.to(torch.int64)
+        try:
+            request = self.models.get(sig).create_infer_request()
+            shared = {"sm_scale": np.float32(sm_scale), "softcap": np.float32(softcap),
+                      "window": np.int64(window_left), "cos": _ov_input(cos), "sin": _ov_input(sin)}  # fmt: skip
+            for b in range(segments.batch):
+                q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
+                if q1 == q0 or k1 == k0:
+                    continue
+                inputs = {"q": _ov_input(q[q0:q1]), "k": _ov_input(keys[k0:k1]), "v": _ov_input(values[k0:k1]),
+                          "q_pos": _ov_input(q_pos64[q0:q1]), "k_pos": _ov_input(flat.k_pos[k0:k1]), **shared}  # fmt: skip
+                result = request.infer(inputs, share_outputs=True)
+                out[q0:q1] = torch.from_numpy(result[0])
+                lse[q0:q1] = torch.from_numpy(result[1])
+        except RuntimeError as exc:
+            raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
+        return out.to(q.dtype), lse
+
+    # -- the rest: vectorised torch -----------------------------------------------------
+
+    def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lses = torch.stack([lse for _, lse in states])  # [n, tokens, heads] fp32
+        lse = torch.logsumexp(lses, dim=0)
+        weight = torch.exp(lses - lse).nan_to_num(nan=0.0)
+        out = torch.zeros(states[0][0].shape, dtype=torch.float32)
+        for w, (o, _) in zip(weight, states):
+            out.add_(w[..., None] * o.float())
+        return out.to(states[0][0].dtype), lse
+
+    def rope_rerotate(
+        self, k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, rope: RopeConfig
+    ) -> torch.Tensor:
+        cos, sin = rope.table(k.shape[2])
+        old, new = old_pos.long(), new_pos.long()
+        x = _rope.rotate(k.float(), cos[old], -sin[old], rope.style)
+        return _rope.rotate(x, cos[new], sin[new], rope.style).to(k.dtype)
+
+    def blend_select(self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int,
+                     always: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        diff = k_fresh.float() - k_stored.float()
+        score = (diff * diff).sum(dim=(1, 2))
+        picked = torch.sort(score, descending=True, stable=True).indices[:count]
+        if always is not None:
+            picked = torch.cat([picked, always.long()])
+        return torch.unique(picked)
+
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:  # fmt: skip
+        moves.append_kv(k, v, k_pages, v_pages, slot_mapping)
+
+    def gather_pages(
+        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return moves.gather_pages(k_pages, v_pages, page_ids)
+
+    def scatter_pages(self, k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                      page_ids: torch.Tensor) -> None:  # fmt: skip
+        moves.scatter_pages(k_buf, v_buf, k_pages, v_pages, page_ids)
+
+    def copy_pages(self, src_k: torch.Tensor, src_v: torch.Tensor, src_ids: torch.Tensor, dst_k: torch.Tensor,
+                   dst_v: torch.Tensor, dst_ids: torch.Tensor, *, non_blocking: bool) -> TransferHandle:  # fmt: skip
+        ids = dst_ids.tolist()
+        if not non_blocking:
+            moves.copy_pages(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)
+            return TransferHandle(ids)
+        return TransferHandle(ids, _copier.submit(moves.copy_pages, src_k, src_v, src_ids, dst_k, dst_v, dst_ids))

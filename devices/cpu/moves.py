@@ -1,0 +1,37 @@
+"""KV moves on host memory, vectorised torch (one index_select / index_copy_ per tensor)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def append_kv(k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:  # fmt: skip
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        slots, k_rows, v_rows = slot_mapping, k, v
+    else:
+        slots, k_rows, v_rows = slot_mapping[keep], k[keep], v[keep]
+    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slots, k_rows)
+    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slots, v_rows)
+
+
+def gather_pages(
+    k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = page_ids.to(torch.int64)
+    return torch.index_select(k_pages, 0, ids), torch.index_select(v_pages, 0, ids)
+
+
+def scatter_pages(k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                  page_ids: torch.Tensor) -> None:  # fmt: skip
+    ids = page_ids.to(torch.int64)
+    k_pages.index_copy_(0, ids, k_buf)
+    v_pages.index_copy_(0, ids, v_buf)
+
+
+def copy_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_ids: torch.Tensor, dst_k: torch.Tensor,
+               dst_v: torch.Tensor, dst_ids: torch.Tensor) -> None:  # fmt: skip
+    src, dst = src_ids.to(torch.int64), dst_ids.to(torch.int64)
+    dst_k.index_copy_(0, dst, torch.index_select(src_k, 0, src))
+    dst_v.index_copy_(0, dst, torch.index_select(src_v, 0, src))
