@@ -48,15 +48,22 @@ def _rope(op: Any, x: Any, cos: Any, sin: Any, style: str, r: int, d: int) -> An
 
     if style == "neox":
         x1, x2 = sl(0, r // 2), sl(r // 2, r)
-        parts = [op.subtract(op.multiply(x1, cos), op.multiply(x2, sin)),
-                 op.add(op.multiply(x2, cos), op.multiply(x1, sin))]  # fmt: skip
+        parts = [
+            op.subtract(op.multiply(x1, cos), op.multiply(x2, sin)),
+            op.add(op.multiply(x2, cos), op.multiply(x1, sin)),
+        ]
     else:
         xe, xo = sl(0, r, 2), sl(1, r, 2)
         re = op.subtract(op.multiply(xe, cos), op.multiply(xo, sin))
         ro = op.add(op.multiply(xo, cos), op.multiply(xe, sin))
         pair = op.concat([op.unsqueeze(re, np.array([3])), op.unsqueeze(ro, np.array([3]))], 3)  # [n, h, r/2, 2]
-        shape = op.concat([op.slice(op.shape_of(x), np.array([0]), np.array([2]), np.array([1])),
-                           op.constant(np.array([r], dtype=np.int64))], 0)  # fmt: skip
+        shape = op.concat(
+            [
+                op.slice(op.shape_of(x), np.array([0]), np.array([2]), np.array([1])),
+                op.constant(np.array([r], dtype=np.int64)),
+            ],
+            0,
+        )
         parts = [op.reshape(pair, shape, False)]
     if r < d:
         parts.append(sl(r, d))

@@ -89,8 +89,18 @@ class CpuDevice(Device):
         num_q, hq, d = q.shape
         _, page_size, hkv, _ = k_pages.shape
         rotary = rope.dims(d) if rope is not None else 0
-        sig = Signature(OV_TYPES[q.dtype], hq, hkv, d, causal, window_left >= 0, softcap > 0,
-                        rope.style if rope is not None else None, rotary, "f32")  # fmt: skip
+        sig = Signature(
+            OV_TYPES[q.dtype],
+            hq,
+            hkv,
+            d,
+            causal,
+            window_left >= 0,
+            softcap > 0,
+            rope.style if rope is not None else None,
+            rotary,
+            "f32",
+        )
         flat = segments.flatten(page_size)
         # every KV token of the batch in one gather, no Python loop per token
         keys = torch.index_select(k_pages.view(-1, hkv, d), 0, flat.slots)
@@ -105,14 +115,25 @@ class CpuDevice(Device):
         q_pos64 = q_pos.to(torch.int64)
         try:
             request = self.models.get(sig).create_infer_request()
-            shared = {"sm_scale": np.float32(sm_scale), "softcap": np.float32(softcap),
-                      "window": np.int64(window_left), "cos": _ov_input(cos), "sin": _ov_input(sin)}  # fmt: skip
+            shared = {
+                "sm_scale": np.float32(sm_scale),
+                "softcap": np.float32(softcap),
+                "window": np.int64(window_left),
+                "cos": _ov_input(cos),
+                "sin": _ov_input(sin),
+            }
             for b in range(segments.batch):
                 q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
                 if q1 == q0 or k1 == k0:
                     continue
-                inputs = {"q": _ov_input(q[q0:q1]), "k": _ov_input(keys[k0:k1]), "v": _ov_input(values[k0:k1]),
-                          "q_pos": _ov_input(q_pos64[q0:q1]), "k_pos": _ov_input(flat.k_pos[k0:k1]), **shared}  # fmt: skip
+                inputs = {
+                    "q": _ov_input(q[q0:q1]),
+                    "k": _ov_input(keys[k0:k1]),
+                    "v": _ov_input(values[k0:k1]),
+                    "q_pos": _ov_input(q_pos64[q0:q1]),
+                    "k_pos": _ov_input(flat.k_pos[k0:k1]),
+                    **shared,
+                }
                 result = request.infer(inputs, share_outputs=True)
                 out[q0:q1] = torch.from_numpy(result[0])
                 lse[q0:q1] = torch.from_numpy(result[1])
@@ -139,8 +160,9 @@ class CpuDevice(Device):
         x = _rope.rotate(k.float(), cos[old], -sin[old], rope.style)
         return _rope.rotate(x, cos[new], sin[new], rope.style).to(k.dtype)
 
-    def blend_select(self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int,
-                     always: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    def blend_select(
+        self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int, always: torch.Tensor | None
+    ) -> torch.Tensor:
         diff = k_fresh.float() - k_stored.float()
         score = (diff * diff).sum(dim=(1, 2))
         picked = torch.sort(score, descending=True, stable=True).indices[:count]
@@ -148,8 +170,9 @@ class CpuDevice(Device):
             picked = torch.cat([picked, always.long()])
         return torch.unique(picked)
 
-    def append_kv(self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:  # fmt: skip
+    def append_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         moves.append_kv(k, v, k_pages, v_pages, slot_mapping)
 
     def gather_pages(
@@ -157,12 +180,27 @@ class CpuDevice(Device):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return moves.gather_pages(k_pages, v_pages, page_ids)
 
-    def scatter_pages(self, k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                      page_ids: torch.Tensor) -> None:  # fmt: skip
+    def scatter_pages(
+        self,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+    ) -> None:
         moves.scatter_pages(k_buf, v_buf, k_pages, v_pages, page_ids)
 
-    def copy_pages(self, src_k: torch.Tensor, src_v: torch.Tensor, src_ids: torch.Tensor, dst_k: torch.Tensor,
-                   dst_v: torch.Tensor, dst_ids: torch.Tensor, *, non_blocking: bool) -> TransferHandle:  # fmt: skip
+    def copy_pages(
+        self,
+        src_k: torch.Tensor,
+        src_v: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst_k: torch.Tensor,
+        dst_v: torch.Tensor,
+        dst_ids: torch.Tensor,
+        *,
+        non_blocking: bool,
+    ) -> TransferHandle:
         ids = dst_ids.tolist()
         if not non_blocking:
             moves.copy_pages(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def append_kv(k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:  # fmt: skip
+def append_kv(
+    k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     keep = slot_mapping >= 0
     if bool(keep.all()):
         slots, k_rows, v_rows = slot_mapping, k, v
@@ -23,15 +24,22 @@ def gather_pages(
     return torch.index_select(k_pages, 0, ids), torch.index_select(v_pages, 0, ids)
 
 
-def scatter_pages(k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                  page_ids: torch.Tensor) -> None:  # fmt: skip
+def scatter_pages(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+) -> None:
     ids = page_ids.to(torch.int64)
     k_pages.index_copy_(0, ids, k_buf)
     v_pages.index_copy_(0, ids, v_buf)
 
 
-def copy_pages(src_k: torch.Tensor, src_v: torch.Tensor, src_ids: torch.Tensor, dst_k: torch.Tensor,
-               dst_v: torch.Tensor, dst_ids: torch.Tensor) -> None:  # fmt: skip
+def copy_pages(
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    src_ids: torch.Tensor,
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    dst_ids: torch.Tensor,
+) -> None:
     src, dst = src_ids.to(torch.int64), dst_ids.to(torch.int64)
     dst_k.index_copy_(0, dst, torch.index_select(src_k, 0, src))
     dst_v.index_copy_(0, dst, torch.index_select(src_v, 0, src))
