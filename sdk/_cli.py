@@ -95,7 +95,7 @@ def build_parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
 def _subcommands() -> list[Subcommand]:
     """Subcommands provided by other kvfuse packages (conformance, bench), if installed."""
     found: list[Subcommand] = []
-    for module in ("kvfuse.conformance._cli",):
+    for module in ("kvfuse._bench", "kvfuse.conformance._cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:

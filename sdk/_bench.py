@@ -1,0 +1,215 @@
+"""``kvfuse bench ops``: each op against its natural baseline, on the same inputs, in one run.
+
+fusion_attention is compared with ``torch.nn.functional.scaled_dot_product_attention`` on
+equivalent contiguous tensors (GQA via ``enable_gqa``, a positional causal mask for
+prefill); page moves with ``torch.clone`` of the same bytes. Times are medians of
+``--repeat`` runs after a warm-up, device and baseline interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from kvfuse._errors import KvfuseError
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ATTENTION_CASES = {  # name -> (context tokens, new tokens)
+    "prefill-2k+512": (2048, 512),
+    "prefill-8k+512": (8192, 512),
+    "decode-8k": (8192, 1),
+    "decode-32k": (32768, 1),
+}
+
+
+@dataclass
+class BenchResult:
+    op: str
+    case: str
+    device: str
+    baseline: str
+    seconds: float
+    baseline_seconds: float
+    speedup: float
+    gbps: float | None = None
+    fraction_of_clone: float | None = None
+
+
+def _median_pair(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved."""
+    fn()
+    base()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for i, f in enumerate((fn, base)):
+            start = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchResult:
+    import kvfuse
+
+    context, new = ATTENTION_CASES[case]
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    total = context + new
+    num_pages = -(-total // PAGE)
+    k_pages = torch.randn(num_pages, PAGE, HKV, D, generator=g).to(dtype)
+    v_pages = torch.randn(num_pages, PAGE, HKV, D, generator=g).to(dtype)
+    # stored context as 512-token chunks on shuffled pages, then the live tokens
+    order = torch.randperm(num_pages, generator=g).tolist()
+    segs, pos = [], 0
+    for length in [512] * (context // 512) + [new]:
+        n_pages = -(-length // PAGE)
+        segs.append(([order.pop() for _ in range(n_pages)], length, pos))
+        pos += length
+    table = kvfuse.SegmentTable.from_lists([segs])
+    q = torch.randn(new, HQ, D, generator=g).to(dtype)
+    q_indptr = torch.tensor([0, new], dtype=torch.int32)
+    q_pos = torch.arange(context, total, dtype=torch.int32)
+
+    # the baseline's equivalent contiguous tensors, in position order
+    flat = table.flatten(PAGE)
+    kc = k_pages.view(-1, HKV, D)[flat.slots].transpose(0, 1).contiguous()[None]  # [1, HKV, total, D]
+    vc = v_pages.view(-1, HKV, D)[flat.slots].transpose(0, 1).contiguous()[None]
+    qc = q.transpose(0, 1).contiguous()[None]  # [1, HQ, new, D]
+    mask = None if new == 1 else (flat.k_pos[None, :] <= q_pos[:, None].long())
+
+    def run() -> object:
+        return kvfuse.fusion_attention(q, q_indptr, q_pos, k_pages, v_pages, table, device=device)
+
+    def base() -> object:
+        return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=True)
+
+    secs, base_secs = _median_pair(run, base, repeat)
+    return BenchResult(
+        "fusion_attention", f"{case}/{dtype_name}", device, "torch.sdpa", secs, base_secs, base_secs / secs
+    )
+
+
+def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
+    import kvfuse
+
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(1)
+    num_pages, n = 4096, 1024
+    kv = torch.randn(2, num_pages, PAGE, HKV, D, generator=g).to(dtype)
+    k_pages, v_pages = kv[0], kv[1]
+    dst = torch.zeros(2, num_pages, PAGE, HKV, D, dtype=dtype)
+    ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32)
+    dst_ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32)
+    k_buf, v_buf = k_pages[ids.long()].contiguous(), v_pages[ids.long()].contiguous()
+    nbytes = 2 * k_buf.numel() * k_buf.element_size()  # k and v, written once each
+
+    def clone() -> object:
+        return k_buf.clone(), v_buf.clone()
+
+    ops: dict[str, Callable[[], object]] = {
+        "gather_pages": lambda: kvfuse.gather_pages(k_pages, v_pages, ids, device=device),
+        "scatter_pages": lambda: kvfuse.scatter_pages(k_buf, v_buf, dst[0], dst[1], dst_ids, device=device),
+        "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
+    }
+    for op, fn in ops.items():
+        secs, base_secs = _median_pair(fn, clone, repeat)
+        yield BenchResult(
+            op,
+            f"{n}of{num_pages}-pages/{dtype_name}",
+            device,
+            "torch.clone",
+            secs,
+            base_secs,
+            base_secs / secs,
+            gbps=nbytes / secs / 1e9,
+            fraction_of_clone=base_secs / secs,
+        )
+
+
+def run_bench(
+    devices: list[str],
+    *,
+    repeat: int = 5,
+    select: str | None = None,
+    on_result: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
+    results: list[BenchResult] = []
+
+    def keep(r: BenchResult) -> None:
+        results.append(r)
+        if on_result:
+            on_result(r)
+
+    for device in devices:
+        for dtype_name in DTYPES:
+            for case in ATTENTION_CASES:
+                if select and select not in f"fusion_attention/{case}/{dtype_name}":
+                    continue
+                try:
+                    keep(_attention(device, case, dtype_name, repeat))
+                except KvfuseError as exc:  # e.g. a device without bf16 attention
+                    print(f"skip fusion_attention/{case}/{dtype_name} on {device}: {exc}")
+            if not select or select in f"moves/{dtype_name}":
+                try:
+                    for r in _moves(device, dtype_name, repeat):
+                        keep(r)
+                except KvfuseError as exc:
+                    print(f"skip moves/{dtype_name} on {device}: {exc}")
+    return results
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    import kvfuse
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    reg = kvfuse.registry()
+    devices = args.devices
+    if not devices:
+        best = max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority)
+        devices = [best.name]
+
+    def line(r: BenchResult) -> None:
+        extra = f"  {r.gbps:6.2f} GB/s  {100 * (r.fraction_of_clone or 0):5.1f}% of clone" if r.gbps else ""
+        print(
+            f"{r.device:10} {r.op:16} {r.case:28} {r.seconds * 1e3:10.2f} ms  {r.baseline} "
+            f"{r.baseline_seconds * 1e3:10.2f} ms  x{r.speedup:5.2f}{extra}",
+            flush=True,
+        )
+
+    results = run_bench(devices, repeat=args.repeat, select=args.select, on_result=line)
+    if args.json:
+        data = {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "devices": devices,
+            "results": [asdict(r) for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser, sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=type(parser))
+    p = bsub.add_parser("ops", help="each op against its natural baseline (SDPA, clone)")
+    p.add_argument(
+        "--device",
+        action="append",
+        dest="devices",
+        metavar="NAME",
+        help="device to measure (repeatable; default: the best available)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the results here")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median; >= 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
+    p.set_defaults(func=_cmd)

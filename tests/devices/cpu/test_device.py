@@ -1,0 +1,66 @@
+"""cpu device specifics: compiled-model cache, precision hint, OpenVINO errors translated."""
+
+from __future__ import annotations
+
+import kvfuse
+import pytest
+import torch
+from kvcases import dense_attention, make_problem
+from kvfuse.devices.cpu.device import CpuDevice
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture
+def cpu() -> CpuDevice:
+    dev = kvfuse.registry().get("cpu")
+    assert isinstance(dev, CpuDevice)
+    return dev
+
+
+def _call(dev: CpuDevice, p: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+    return kvfuse.fusion_attention(*p.args(), p.segments, device=dev.name, **kw)  # type: ignore[attr-defined]
+
+
+def test_one_compile_serves_every_length(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=4))
+    for n in (5, 37, 200):  # token counts are dynamic dims of one model
+        p = make_problem([[(n, 0)]], [[n - 1, n + 3]], hq=8, hkv=2, seed=n)
+        _call(cpu, p)
+    assert cpu.models.compiles == 1 and len(cpu.models) == 1
+    _call(cpu, p, softcap=5.0)  # another signature
+    assert cpu.models.compiles == 2
+
+
+def test_cache_is_bounded_lru(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=2))
+    p = make_problem([[(20, 0)]], [[19]], hq=4, hkv=2, seed=1)
+    for window in (1, 2, 3):  # every window size shares one signature
+        _call(cpu, p, window_left=window)
+    _call(cpu, p, softcap=1.0)
+    _call(cpu, p, causal=False)
+    assert len(cpu.models) == 2 and cpu.models.compiles == 3
+    _call(cpu, p, window_left=4)  # evicted earlier: compiled again
+    assert cpu.models.compiles == 4 and len(cpu.models) == 2
+
+
+def test_fp32_runs_in_f32(cpu: CpuDevice) -> None:
+    p = make_problem([[(300, 0), (77, 400)]], [[299, 476, 500]], hq=8, hkv=2, d=128, seed=4)
+    out, lse = _call(cpu, p, rope=kvfuse.RopeConfig(max_position=1024))
+    ref_out, ref_lse = dense_attention(p, rope=kvfuse.RopeConfig(max_position=1024))
+    # bf16 inference (the CPU plugin's default on AVX-512 BF16 parts) errs by ~1e-3 here
+    assert (out.double() - ref_out).abs().max() < 1e-5
+    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    sig = next(iter(cpu.models._models))
+    compiled = cpu.models.get(sig)
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in {"f32", "<Type: 'float32'>"}
+
+
+def test_openvino_errors_become_device_errors(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real OpenVINO failure (an invalid compile option) surfaces as DeviceError from it."""
+    monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=2))
+    monkeypatch.setattr(type(cpu.models), "config", lambda self, sig: {"INFERENCE_PRECISION_HINT": "f99"})
+    p = make_problem([[(4, 0)]], [[3]], seed=2)
+    with pytest.raises(kvfuse.DeviceError, match="OpenVINO failed in fusion_attention") as info:
+        _call(cpu, p)
+    assert isinstance(info.value.__cause__, Exception) and "f99" in str(info.value.__cause__)

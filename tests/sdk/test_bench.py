@@ -1,0 +1,37 @@
+"""``kvfuse bench ops`` writes the documented JSON; speedups are ratios of the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_ops_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvfuse",
+        "bench",
+        "ops",
+        "--device",
+        "reference",
+        "-k",
+        "moves/bf16",
+        "--repeat",
+        "5",
+        "--json",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    data = json.loads(out.read_text())
+    assert data["threads"] >= 1
+    ops = {r["op"] for r in data["results"]}
+    assert ops == {"gather_pages", "scatter_pages", "copy_pages"}
+    for r in data["results"]:
+        assert r["device"] == "reference" and r["baseline"] == "torch.clone"
+        assert abs(r["speedup"] - r["baseline_seconds"] / r["seconds"]) < 1e-9
+        assert r["gbps"] > 0 and r["fraction_of_clone"] == r["speedup"]
+    assert "copy_pages" in res.stdout
