@@ -23,7 +23,7 @@ PLUGINS = {
         class Good(ReferenceDevice):
             name = "good"
             vendor = "Acme"
-            priority = 5
+            priority = 50
 
         @kvfuse.hookimpl
         def kvfuse_devices():
@@ -136,7 +136,7 @@ def test_selection_by_priority_capability_and_env(on_path: Path, monkeypatch: py
     reg = Registry()
     reg.load_entry_points()
     req = kvfuse.Requirement(op="merge_states", dtype="fp32", head_dim=8)
-    assert reg.select(req, torch.device("cpu"), None).name == "good"  # priority 5 > 0
+    assert reg.select(req, torch.device("cpu"), None).name == "good"  # the highest priority
     monkeypatch.setenv("KVFUSE_DEVICE", "reference")
     assert reg.select(req, torch.device("cpu"), None).name == "reference"
     with pytest.raises(kvfuse.DeviceNotFoundError, match="raising"):
