@@ -1,0 +1,272 @@
+"""NpuDevice: domestic NPUs through ONNX Runtime execution providers.
+
+Every contract op is an ONNX graph (``attention.py``, ``moves.py``) run by an
+InferenceSession built once per signature (bounded cache), with torch tensors bound by
+I/O binding. Providers come from ``KVFUSE_NPU_PROVIDERS`` (comma-separated) or, by
+default, CANN first, then any other accelerator providers present, then CPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from kvfuse import (
+    Availability,
+    Capabilities,
+    Device,
+    DeviceError,
+    KvfuseError,
+    RopeConfig,
+    SegmentTable,
+    TransferHandle,
+)
+from kvfuse.devices.npu import attention, moves
+from kvfuse.devices.npu.runtime import ProviderChoice, SessionCache, choose_providers, elem_type, requested_providers
+from kvfuse.devices.npu.runtime import run as run_graph
+
+_copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-npu-copy")
+
+
+class NpuDevice(Device):
+    name = "npu"
+    vendor = "Domestic NPUs via ONNX Runtime (CANN where installed)"
+    torch_device_type = "cpu"
+    priority = 5
+
+    def __init__(self) -> None:
+        self._sessions: SessionCache | None = None
+
+    # -- providers and sessions ---------------------------------------------------------
+
+    def providers(self) -> ProviderChoice:
+        import onnxruntime as ort
+
+        return choose_providers(ort.get_available_providers(), requested_providers())
+
+    @property
+    def sessions(self) -> SessionCache:
+        if self._sessions is None:
+            choice = self.providers()
+            self._sessions = SessionCache(choice.providers, int(os.environ.get("KVFUSE_NPU_SESSION_CACHE", "32")))
+        return self._sessions
+
+    @contextlib.contextmanager
+    def _ort(self, op: str) -> Iterator[None]:
+        """Translate onnxruntime's exceptions into DeviceError, naming the provider."""
+        try:
+            yield
+        except KvfuseError:
+            raise
+        except Exception as exc:
+            provider = self.sessions.providers[0] if self.sessions.providers else "no provider"
+            raise DeviceError(f"onnxruntime ({provider}) failed in {op}: {type(exc).__name__}: {exc}") from exc
+
+    def probe(self) -> Availability:
+        for module in ("onnxruntime", "onnx"):
+            if importlib.util.find_spec(module) is None:
+                return Availability(available=False, reason=f"{module} is not installed (pip install 'kvfuse[npu]')")
+        try:
+            import onnxruntime as ort
+
+            choice = self.providers()
+        except Exception as exc:
+            return Availability(available=False, reason=f"onnxruntime failed to import: {exc}")
+        skipped = "; ".join(f"{p} skipped: {why}" for p, why in choice.skipped)
+        if not choice.providers:
+            return Availability(available=False, reason=f"no usable provider ({choice.source}); {skipped}")
+        mode = f"onnxruntime {ort.__version__}, provider {choice.providers[0]} ({choice.source})"
+        return Availability(available=True, reason=f"providers {', '.join(choice.providers)}; {skipped}", mode=mode)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities.full(reach=("cpu",))
+
+    # -- attention-like ops -------------------------------------------------------------
+
+    def fusion_attention(
+        self,
+        q: torch.Tensor,
+        q_indptr: torch.Tensor,
+        q_pos: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        segments: SegmentTable,
+        *,
+        causal: bool,
+        sm_scale: float,
+        softcap: float,
+        window_left: int,
+        rope: RopeConfig | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_q, hq, d = q.shape
+        _, page_size, hkv, _ = k_pages.shape
+        sig = attention.AttentionSignature(
+            elem_type(q.dtype),
+            hq,
+            hkv,
+            d,
+            causal,
+            window_left >= 0,
+            softcap > 0,
+            rope.style if rope is not None else None,
+            rope.dims(d) if rope is not None else 0,
+        )
+        flat = segments.flatten(page_size)
+        keys = torch.index_select(k_pages.view(-1, hkv, d), 0, flat.slots)  # one gather for the batch
+        values = torch.index_select(v_pages.view(-1, hkv, d), 0, flat.slots)
+        cos, sin = rope.table(d) if rope is not None else (torch.zeros(1, 1), torch.zeros(1, 1))
+        scalars = {
+            "sm_scale": torch.tensor(sm_scale, dtype=torch.float32),
+            "softcap": torch.tensor(softcap, dtype=torch.float32),
+            "window": torch.tensor(window_left, dtype=torch.int64),
+            "cos": cos,
+            "sin": sin,
+        }
+        out = torch.zeros(num_q, hq, d, dtype=torch.float32)
+        lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
+        qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
+        q_pos64 = q_pos.to(torch.int64)
+        with self._ort("fusion_attention"):
+            sess = self.sessions.get(("attention", sig), lambda: attention.attention_graph(sig))
+            for b in range(segments.batch):
+                q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
+                if q1 == q0 or k1 == k0:
+                    continue
+                inputs = {
+                    "q": q[q0:q1],
+                    "k": keys[k0:k1],
+                    "v": values[k0:k1],
+                    "q_pos": q_pos64[q0:q1],
+                    "k_pos": flat.k_pos[k0:k1],
+                    **scalars,
+                }
+                run_graph(sess, inputs, {"out": out[q0:q1], "lse": lse[q0:q1]})
+        return out.to(q.dtype), lse
+
+    def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = torch.stack([o for o, _ in states])
+        lses = torch.stack([lse for _, lse in states])
+        out, lse = torch.empty_like(outs[0]), torch.empty_like(lses[0])
+        elem = elem_type(outs.dtype)
+        with self._ort("merge_states"):
+            sess = self.sessions.get(("merge", elem), lambda: attention.merge_graph(elem))
+            run_graph(sess, {"outs": outs, "lses": lses}, {"out": out, "lse": lse})
+        return out, lse
+
+    def rope_rerotate(
+        self, k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, rope: RopeConfig
+    ) -> torch.Tensor:
+        d = k.shape[2]
+        key = ("rerotate", elem_type(k.dtype), rope.style, rope.dims(d), d)
+        cos, sin = rope.table(d)
+        out = torch.empty_like(k)
+        with self._ort("rope_rerotate"):
+            sess = self.sessions.get(key, lambda: attention.rerotate_graph(*key[1:]))  # type: ignore[arg-type]
+            run_graph(
+                sess,
+                {"k": k, "old_pos": old_pos.long(), "new_pos": new_pos.long(), "cos": cos, "sin": sin},
+                {"k2": out},
+            )
+        return out
+
+    def blend_select(
+        self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int, always: torch.Tensor | None
+    ) -> torch.Tensor:
+        elem = elem_type(k_stored.dtype)
+        extra = always.long() if always is not None else torch.zeros(0, dtype=torch.int64)
+        with self._ort("blend_select"):
+            sess = self.sessions.get(("blend", elem), lambda: attention.blend_graph(elem))
+            (indices,) = run_graph(
+                sess,
+                {"k_stored": k_stored, "k_fresh": k_fresh, "count": torch.tensor([count]), "always": extra},
+                {"indices": None},
+            )
+        return torch.from_numpy(indices).to(torch.int64)
+
+    # -- moves ---------------------------------------------------------------------------
+
+    def _graph(self, op: str, dtype: torch.dtype, build: Any) -> Any:
+        elem = elem_type(dtype)
+        return self.sessions.get((op, elem), lambda: build(elem))
+
+    def append_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        k_slots, v_slots = k_pages.view(-1, *k_pages.shape[2:]), v_pages.view(-1, *v_pages.shape[2:])
+        with self._ort("append_kv"):
+            sess = self._graph("append_kv", k.dtype, moves.append_graph)
+            run_graph(
+                sess,
+                {"k_slots": k_slots, "v_slots": v_slots, "k": k, "v": v, "slots": slot_mapping},
+                {"k_out": k_slots, "v_out": v_slots},
+            )
+
+    def gather_pages(
+        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (page_ids.shape[0], *k_pages.shape[1:])
+        k_buf, v_buf = torch.empty(shape, dtype=k_pages.dtype), torch.empty(shape, dtype=k_pages.dtype)
+        with self._ort("gather_pages"):
+            sess = self._graph("gather_pages", k_pages.dtype, moves.gather_graph)
+            run_graph(
+                sess, {"k_pages": k_pages, "v_pages": v_pages, "ids": page_ids.long()}, {"k_buf": k_buf, "v_buf": v_buf}
+            )
+        return k_buf, v_buf
+
+    def scatter_pages(
+        self,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+    ) -> None:
+        with self._ort("scatter_pages"):
+            sess = self._graph("scatter_pages", k_pages.dtype, moves.scatter_graph)
+            run_graph(
+                sess,
+                {
+                    "k_pages": k_pages,
+                    "v_pages": v_pages,
+                    "ids": page_ids.long()[:, None],
+                    "k_buf": k_buf,
+                    "v_buf": v_buf,
+                },
+                {"k_out": k_pages, "v_out": v_pages},
+            )
+
+    def copy_pages(
+        self,
+        src_k: torch.Tensor,
+        src_v: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst_k: torch.Tensor,
+        dst_v: torch.Tensor,
+        dst_ids: torch.Tensor,
+        *,
+        non_blocking: bool,
+    ) -> TransferHandle:
+        with self._ort("copy_pages"):
+            sess = self._graph("copy_pages", src_k.dtype, moves.copy_graph)
+        inputs = {
+            "src_k": src_k,
+            "src_v": src_v,
+            "src_ids": src_ids.long(),
+            "dst_k": dst_k,
+            "dst_v": dst_v,
+            "dst_ids": dst_ids.long()[:, None],
+        }
+
+        def copy() -> None:
+            with self._ort("copy_pages"):
+                run_graph(sess, inputs, {"k_out": dst_k, "v_out": dst_v})
+
+        if not non_blocking:
+            copy()
+            return TransferHandle(dst_ids.tolist())
+        return TransferHandle(dst_ids.tolist(), _copier.submit(copy))  # the session runs without the GIL
