@@ -27,7 +27,14 @@ from kvfuse import (
     TransferHandle,
 )
 from kvfuse.devices.npu import attention, moves
-from kvfuse.devices.npu.runtime import ProviderChoice, SessionCache, choose_providers, elem_type, requested_providers
+from kvfuse.devices.npu.runtime import (
+    ProviderChoice,
+    SessionCache,
+    choose_providers,
+    elem_type,
+    json_env,
+    requested_providers,
+)
 from kvfuse.devices.npu.runtime import run as run_graph
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-npu-copy")
@@ -51,9 +58,20 @@ class NpuDevice(Device):
 
     @property
     def sessions(self) -> SessionCache:
+        """Sessions on the chosen providers. ``KVFUSE_NPU_SESSION_CONFIG`` (JSON: session
+        config entries) and ``KVFUSE_NPU_PROVIDER_OPTIONS`` (JSON: provider → options, e.g.
+        ``{"CANNExecutionProvider": {"device_id": "1"}}``) are passed to onnxruntime."""
         if self._sessions is None:
-            choice = self.providers()
-            self._sessions = SessionCache(choice.providers, int(os.environ.get("KVFUSE_NPU_SESSION_CACHE", "32")))
+            try:
+                config, options = json_env("KVFUSE_NPU_SESSION_CONFIG"), json_env("KVFUSE_NPU_PROVIDER_OPTIONS")
+            except ValueError as exc:
+                raise DeviceError(f"npu configuration: {exc}") from exc
+            self._sessions = SessionCache(
+                self.providers().providers,
+                int(os.environ.get("KVFUSE_NPU_SESSION_CACHE", "32")),
+                config=config,
+                provider_options=options,
+            )
         return self._sessions
 
     @contextlib.contextmanager

@@ -118,9 +118,18 @@ def elem_type(dtype: torch.dtype) -> int:
 class SessionCache:
     """InferenceSessions by graph signature, least recently used evicted beyond ``capacity``."""
 
-    def __init__(self, providers: tuple[str, ...], capacity: int = 32) -> None:
+    def __init__(
+        self,
+        providers: tuple[str, ...],
+        capacity: int = 32,
+        *,
+        config: dict[str, str] | None = None,
+        provider_options: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.providers = providers
         self.capacity = capacity
+        self.config = config or {}
+        self.provider_options = provider_options or {}
         self.builds = 0
         self._sessions: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -135,7 +144,10 @@ class SessionCache:
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            sess = ort.InferenceSession(build(), sess_options=opts, providers=list(self.providers))
+            for key, value in self.config.items():
+                opts.add_session_config_entry(key, value)
+            providers = [(p, self.provider_options.get(p, {})) for p in self.providers]
+            sess = ort.InferenceSession(build(), sess_options=opts, providers=providers)
             self.builds += 1
             self._sessions[key] = sess
             while len(self._sessions) > self.capacity:
@@ -168,3 +180,14 @@ def run(sess: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Ten
 
 def requested_providers() -> str | None:
     return os.environ.get("KVFUSE_NPU_PROVIDERS") or None
+
+
+def json_env(name: str) -> Any:
+    """A JSON object from environment variable ``name`` ({} if unset)."""
+    import json
+
+    text = os.environ.get(name, "").strip()
+    value = json.loads(text) if text else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must hold a JSON object, got {text!r}")
+    return value
