@@ -24,7 +24,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-	$(VENV)/bin/kvfuse conformance run --device reference --device cpu --device acme --profile standard \
+	$(VENV)/bin/kvfuse conformance run --device reference --device cpu --device npu --device acme --profile standard \
 		--json reports/conformance.json --junitxml reports/conformance.xml > reports.log || (tail -40 reports.log; exit 1)
 	cd examples && ../$(PY) -m pytest -q -p no:cacheprovider --pyargs kvfuse.conformance --kvfuse-device=acme --kvfuse-profile=smoke
 	$(PY) tools/typecheck.py
