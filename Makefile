@@ -26,6 +26,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	$(VENV)/bin/kvfuse conformance run --device reference --device cpu --device npu --device acme --profile standard \
 		--json reports/conformance.json --junitxml reports/conformance.xml > reports.log || (tail -40 reports.log; exit 1)
+	TRITON_INTERPRET=1 $(VENV)/bin/kvfuse conformance run --device nvidia --profile smoke \
+		--json reports/nvidia-interpreter.json > reports-nvidia.log || (tail -40 reports-nvidia.log; exit 1)
 	cd examples && ../$(PY) -m pytest -q -p no:cacheprovider --pyargs kvfuse.conformance --kvfuse-device=acme --kvfuse-profile=smoke
 	$(PY) tools/typecheck.py
 	$(PY) -m ruff check sdk ops devices conformance tests examples tools

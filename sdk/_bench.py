@@ -1,8 +1,9 @@
 """``kvfuse bench ops``: each op against its natural baseline, on the same inputs, in one run.
 
 fusion_attention is compared with ``torch.nn.functional.scaled_dot_product_attention`` on
-equivalent contiguous tensors (GQA via ``enable_gqa``, a positional causal mask for
-prefill); page moves with ``torch.clone`` of the same bytes. Times are medians of
+equivalent contiguous tensors (on CPU: GQA via ``enable_gqa`` and a positional causal
+mask; on CUDA: the flash backend with repeated heads and a bottom-right causal bias);
+page moves with ``torch.clone`` of the same bytes, on the device's torch device. Times are medians of
 ``--repeat`` runs after a warm-up, device and baseline interleaved.
 """
 
@@ -43,17 +44,33 @@ class BenchResult:
     fraction_of_clone: float | None = None
 
 
-def _median_pair(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_pair(
+    fn: Callable[[], object], base: Callable[[], object], repeat: int, device: torch.device
+) -> tuple[float, float]:
+    """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved
+    (the GPU synchronised around every run)."""
     fn()
     base()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
         for i, f in enumerate((fn, base)):
+            _sync(device)
             start = time.perf_counter()
             f()
+            _sync(device)
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _torch_device(name: str) -> torch.device:
+    import kvfuse
+
+    return torch.device(kvfuse.registry().get(name).torch_device_type)
 
 
 def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchResult:
@@ -61,6 +78,7 @@ def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchRes
 
     context, new = ATTENTION_CASES[case]
     dtype = DTYPES[dtype_name]
+    tdev = _torch_device(device)
     g = torch.Generator().manual_seed(0)
     total = context + new
     num_pages = -(-total // PAGE)
@@ -73,25 +91,37 @@ def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchRes
         n_pages = -(-length // PAGE)
         segs.append(([order.pop() for _ in range(n_pages)], length, pos))
         pos += length
-    table = kvfuse.SegmentTable.from_lists([segs])
-    q = torch.randn(new, HQ, D, generator=g).to(dtype)
-    q_indptr = torch.tensor([0, new], dtype=torch.int32)
-    q_pos = torch.arange(context, total, dtype=torch.int32)
+    table = kvfuse.SegmentTable.from_lists([segs], device=tdev)
+    k_pages, v_pages = k_pages.to(tdev), v_pages.to(tdev)
+    q = torch.randn(new, HQ, D, generator=g).to(dtype).to(tdev)
+    q_indptr = torch.tensor([0, new], dtype=torch.int32, device=tdev)
+    q_pos = torch.arange(context, total, dtype=torch.int32, device=tdev)
 
     # the baseline's equivalent contiguous tensors, in position order
     flat = table.flatten(PAGE)
     kc = k_pages.view(-1, HKV, D)[flat.slots].transpose(0, 1).contiguous()[None]  # [1, HKV, total, D]
     vc = v_pages.view(-1, HKV, D)[flat.slots].transpose(0, 1).contiguous()[None]
     qc = q.transpose(0, 1).contiguous()[None]  # [1, HQ, new, D]
-    mask = None if new == 1 else (flat.k_pos[None, :] <= q_pos[:, None].long())
+    if tdev.type == "cuda":  # flash backend: heads repeated, bottom-right causal bias
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        kc, vc = kc.repeat_interleave(HQ // HKV, 1), vc.repeat_interleave(HQ // HKV, 1)
+        bias = None if new == 1 else causal_lower_right(new, total)
+
+        def base() -> object:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias)
+    else:
+        mask = None if new == 1 else (flat.k_pos[None, :] <= q_pos[:, None].long())
+
+        def base() -> object:
+            return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=True)
 
     def run() -> object:
         return kvfuse.fusion_attention(q, q_indptr, q_pos, k_pages, v_pages, table, device=device)
 
-    def base() -> object:
-        return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=True)
-
-    secs, base_secs = _median_pair(run, base, repeat)
+    secs, base_secs = _median_pair(run, base, repeat, tdev)
     return BenchResult(
         "fusion_attention", f"{case}/{dtype_name}", device, "torch.sdpa", secs, base_secs, base_secs / secs
     )
@@ -101,13 +131,14 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
     import kvfuse
 
     dtype = DTYPES[dtype_name]
+    tdev = _torch_device(device)
     g = torch.Generator().manual_seed(1)
     num_pages, n = 4096, 1024
-    kv = torch.randn(2, num_pages, PAGE, HKV, D, generator=g).to(dtype)
+    kv = torch.randn(2, num_pages, PAGE, HKV, D, generator=g).to(dtype).to(tdev)
     k_pages, v_pages = kv[0], kv[1]
-    dst = torch.zeros(2, num_pages, PAGE, HKV, D, dtype=dtype)
-    ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32)
-    dst_ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32)
+    dst = torch.zeros(2, num_pages, PAGE, HKV, D, dtype=dtype, device=tdev)
+    ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32).to(tdev)
+    dst_ids = torch.randperm(num_pages, generator=g)[:n].to(torch.int32).to(tdev)
     k_buf, v_buf = k_pages[ids.long()].contiguous(), v_pages[ids.long()].contiguous()
     nbytes = 2 * k_buf.numel() * k_buf.element_size()  # k and v, written once each
 
@@ -120,7 +151,7 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
         "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
     }
     for op, fn in ops.items():
-        secs, base_secs = _median_pair(fn, clone, repeat)
+        secs, base_secs = _median_pair(fn, clone, repeat, tdev)
         yield BenchResult(
             op,
             f"{n}of{num_pages}-pages/{dtype_name}",
