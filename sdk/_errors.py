@@ -12,6 +12,7 @@
     │   └── DeviceUnavailableError          the device's probe said no
     ├── DeviceNotFoundError (LookupError)   no device of that name is registered
     ├── PluginError                         a plugin failed to load (strict mode)
+    ├── StoreError                          the KV store cannot do what was asked (full, bad chunk)
     └── TransferError                       a page copy failed; names the failed pages
         └── TransferTimeoutError (TimeoutError)
 
@@ -35,6 +36,7 @@ __all__ = [
     "KvfuseError",
     "PluginError",
     "ShapeError",
+    "StoreError",
     "TransferError",
     "TransferTimeoutError",
     "UnsupportedError",
@@ -111,6 +113,10 @@ class DeviceNotFoundError(KvfuseError, LookupError):
 
 class PluginError(KvfuseError):
     """A plugin failed to load or misbehaved (raised in strict mode)."""
+
+
+class StoreError(KvfuseError):
+    """The KV store cannot do what was asked (pool full of pinned chunks, malformed chunk)."""
 
 
 class TransferError(KvfuseError):

@@ -21,8 +21,8 @@ def main() -> int:
     pkg = stage / "kvfuse"
     pkg.mkdir(parents=True)
     for src in (ROOT / "sdk").iterdir():
-        if src.suffix in {".py", ".typed"}:
-            (pkg / src.name).symlink_to(src)
+        if src.suffix in {".py", ".typed"} or (src.is_dir() and (src / "__init__.py").exists()):
+            (pkg / src.name).symlink_to(src, target_is_directory=src.is_dir())
     (pkg / "ops").symlink_to(ROOT / "ops", target_is_directory=True)
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "-p", "kvfuse"]
     return subprocess.call(cmd, cwd=stage)

@@ -1,0 +1,170 @@
+"""The disk tier: one file per chunk, an explicit header and raw bytes, both checksummed.
+
+File layout (little-endian)::
+
+    b"KVFUSE\\x00\\x01" | u64 header length | header (JSON) | 32-byte blake2b of header |
+    payload (K bytes, then V bytes)
+
+The header holds the key, the namespace fingerprint, dtype, shape and the payload's
+blake2b. Files are written to a temporary name, fsync'ed and renamed, so only complete
+entries are ever visible. Nothing is unpickled. A file that fails any check is a miss and
+is moved to ``quarantine/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kvfuse.store._keys import DTYPES, Namespace
+
+MAGIC = b"KVFUSE\x00\x01"
+SUFFIX = ".kv"
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    key: str
+    path: Path
+    nbytes: int
+    num_tokens: int
+    mtime: float
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+class DiskTier:
+    def __init__(self, root: str | os.PathLike[str], namespace: Namespace) -> None:
+        self.root = Path(root)
+        self.namespace = namespace
+        self.quarantine = self.root / "quarantine"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.quarantine.mkdir(exist_ok=True)
+        self.quarantined = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}{SUFFIX}"
+
+    def write(self, key: str, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Write a chunk atomically; returns the file size."""
+        payload_k, payload_v = _raw(k.cpu()), _raw(v.cpu())
+        h = hashlib.blake2b(digest_size=32)
+        h.update(payload_k)
+        h.update(payload_v)
+        header = json.dumps(
+            {
+                "key": key,
+                "namespace": self.namespace.fingerprint(),
+                "dtype": self.namespace.dtype,
+                "shape": list(k.shape),
+                "payload_bytes": len(payload_k) + len(payload_v),
+                "payload_blake2b": h.hexdigest(),
+            },
+            sort_keys=True,
+        ).encode()
+        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(header)) + header + _digest(header))
+            f.write(payload_k)
+            f.write(payload_v)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(key))
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path(key).stat().st_size
+
+    def _header(self, f: object, path: Path) -> dict[str, object]:
+        """The verified header of an open file; raises ValueError on any mismatch."""
+        read = f.read  # type: ignore[attr-defined]
+        if read(len(MAGIC)) != MAGIC:
+            raise ValueError("bad magic")
+        (length,) = struct.unpack("<Q", read(8))
+        if length > 1 << 20:
+            raise ValueError("header too long")
+        header = read(length)
+        if len(header) != length or read(32) != _digest(header):
+            raise ValueError("header checksum mismatch")
+        meta: dict[str, object] = json.loads(header)
+        if meta.get("namespace") != self.namespace.fingerprint():
+            raise ValueError("namespace mismatch")
+        if meta.get("key") != path.name.removesuffix(SUFFIX):
+            raise ValueError("key mismatch")
+        return meta
+
+    def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's (K, V) on the host, or None (a miss) if absent or invalid."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                meta = self._header(f, path)
+                raw_shape = meta["shape"]
+                if not isinstance(raw_shape, list):
+                    raise ValueError("bad shape")
+                shape = [int(x) for x in raw_shape]
+                dtype = DTYPES[str(meta["dtype"])]
+                if tuple(shape) != self.namespace.chunk_shape(shape[1]) or dtype != self.namespace.torch_dtype:
+                    raise ValueError("layout mismatch")
+                payload = f.read()
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError):
+            self._quarantine(path)
+            return None
+        if (
+            len(payload) != meta["payload_bytes"]
+            or hashlib.blake2b(payload, digest_size=32).hexdigest() != meta["payload_blake2b"]
+        ):
+            self._quarantine(path)
+            return None
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        half = len(payload) // 2
+        k = data[:half].view(dtype).reshape(shape)
+        v = data[half:].view(dtype).reshape(shape)
+        return k, v
+
+    def _quarantine(self, path: Path) -> None:
+        try:
+            os.replace(path, self.quarantine / f"{path.name}.{uuid.uuid4().hex[:8]}")
+            self.quarantined += 1
+        except FileNotFoundError:
+            pass  # another process got there first
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def scan(self) -> list[DiskEntry]:
+        """Every valid entry on disk, oldest first (headers only; bad files quarantined)."""
+        entries = []
+        for path in self.root.glob(f"*{SUFFIX}"):
+            try:
+                with open(path, "rb") as f:
+                    meta = self._header(f, path)
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            except (ValueError, struct.error, json.JSONDecodeError):
+                self._quarantine(path)
+                continue
+            shape = meta["shape"]
+            assert isinstance(shape, list)
+            entries.append(DiskEntry(str(meta["key"]), path, stat.st_size, int(shape[1]), stat.st_mtime))
+        return sorted(entries, key=lambda e: e.mtime)
