@@ -160,17 +160,26 @@ class TieredStore:
             pages = self.pool.alloc(need)
         return pages
 
+    def hold(self, key: str) -> None:
+        """Pin one chunk: never evicted until :meth:`unhold` (counted)."""
+        self._entries[key].pins += 1
+
+    def unhold(self, key: str) -> None:
+        e = self._entries.get(key)
+        if e is not None and e.pins > 0:
+            e.pins -= 1
+
     @contextlib.contextmanager
     def pin(self, keys: Iterable[str]) -> Iterator[None]:
         """Within this block the chunks are never evicted (e.g. while a request uses them)."""
-        held = [self._entries[k] for k in keys if k in self._entries]
-        for e in held:
-            e.pins += 1
+        held = [k for k in keys if k in self._entries]
+        for k in held:
+            self.hold(k)
         try:
             yield
         finally:
-            for e in held:
-                e.pins -= 1
+            for k in held:
+                self.unhold(k)
 
     # -- placement and eviction -------------------------------------------------------------
 

@@ -1,0 +1,65 @@
+"""The RAG pipeline's modes against full prefill: exact where they must be, closer with blend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvfuse.models import LlamaConfig, LlamaModel
+from kvfuse.rag import RagPipeline, deviation
+from kvfuse.store import KVPool, TieredStore
+
+CFG = LlamaConfig(
+    vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position=4096
+)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[RagPipeline, list[list[int]], list[int]]:
+    model = LlamaModel.random(CFG, seed=0, device="cpu")
+    ns = CFG.namespace("tiny", page_size=16)
+    pipe = RagPipeline(model, TieredStore(ns, KVPool(ns, 256)))
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (40, 17, 64)]
+    question = torch.randint(0, 200, (8,), generator=g).tolist()
+    assert pipe.ingest(chunks) == 3 and pipe.ingest(chunks) == 0  # stored once
+    return pipe, chunks, question
+
+
+def test_one_stored_chunk_reused_equals_full_prefill(setup: tuple[RagPipeline, list[list[int]], list[int]]) -> None:
+    pipe, chunks, question = setup
+    full, reuse = pipe.full(chunks[:1], question), pipe.reuse(chunks[:1], question)
+    assert reuse.hits == 1 and reuse.misses == 0
+    assert deviation(full.logits, reuse.logits)[0] < 1e-4
+
+
+def test_blend_recomputing_everything_equals_full_prefill(
+    setup: tuple[RagPipeline, list[list[int]], list[int]],
+) -> None:
+    pipe, chunks, question = setup
+    assert deviation(pipe.full(chunks, question).logits, pipe.blend(chunks, question, 1.0).logits)[0] < 1e-4
+
+
+def test_blend_deviates_less_than_reuse(setup: tuple[RagPipeline, list[list[int]], list[int]]) -> None:
+    pipe, chunks, question = setup
+    full = pipe.full(chunks, question)
+    reuse, blend = pipe.reuse(chunks, question), pipe.blend(chunks, question, 0.15)
+    kl_reuse, kl_blend = deviation(full.logits, reuse.logits)[1], deviation(full.logits, blend.logits)[1]
+    assert kl_reuse > 1e-5  # chunks prefilled alone do differ
+    assert kl_blend < kl_reuse
+    assert blend.recomputed == -(-121 * 15 // 100)  # ceil(0.15 * 121) context tokens
+
+
+def test_heterogeneous_split_equals_one_device(setup: tuple[RagPipeline, list[list[int]], list[int]]) -> None:
+    """Stored segments on cpu (OpenVINO), the live question on npu (ONNX Runtime), merged."""
+    pipe, chunks, question = setup
+    single = pipe.reuse(chunks, question)
+    split = pipe.reuse(chunks, question, split=("cpu", "npu"))
+    assert deviation(single.logits, split.logits)[0] < 1e-4
+
+
+def test_misses_are_filled_and_stored(setup: tuple[RagPipeline, list[list[int]], list[int]]) -> None:
+    pipe, _, question = setup
+    new = [list(range(30))]
+    first = pipe.reuse(new, question)
+    assert first.misses == 1 and pipe.store.tier(pipe.keys(new)[0]) == "device"
+    assert pipe.reuse(new, question).hits == 1
