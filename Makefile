@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml Makefile examples/vendor_plugin/pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/kvfuse devices
+	$(VENV)/bin/kvfuse conformance run --profile smoke > reports-smoke.log || (tail -40 reports-smoke.log; exit 1)
+	tail -12 reports-smoke.log
 	$(PY) examples/quickstart.py
+	$(VENV)/bin/kvfuse bench rag --context-tokens 2048 --layers 16
 
 test: $(STAMP)
 	$(PY) -m pytest -q

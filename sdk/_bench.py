@@ -244,3 +244,6 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
     p.set_defaults(func=_cmd)
+    from kvfuse._bench_rag import register as register_rag
+
+    register_rag(parser, bsub)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from kvfuse.devices.cpu.attention import OV_TYPES, ModelCache, Signature
 from kvfuse.ops import _rope
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
+SCORE_BYTES = 256 << 20  # largest fp32 score tensor one inference may materialise
 
 
 def _ov_input(t: torch.Tensor) -> object:
@@ -122,10 +123,7 @@ class CpuDevice(Device):
                 "cos": _ov_input(cos),
                 "sin": _ov_input(sin),
             }
-            for b in range(segments.batch):
-                q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
-                if q1 == q0 or k1 == k0:
-                    continue
+            for q0, q1, k0, k1 in self._blocks(qi, ki, hq):
                 inputs = {
                     "q": _ov_input(q[q0:q1]),
                     "k": _ov_input(keys[k0:k1]),
@@ -140,6 +138,18 @@ class CpuDevice(Device):
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
         return out.to(q.dtype), lse
+
+    @staticmethod
+    def _blocks(qi: list[int], ki: list[int], hq: int) -> Iterator[tuple[int, int, int, int]]:
+        """(q0, q1, k0, k1) per inference, request by request: a long prefill is split into query
+        blocks so its fp32 score tensor stays under SCORE_BYTES (the graph is unfused)."""
+        for b in range(len(qi) - 1):
+            q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
+            if q1 == q0 or k1 == k0:
+                continue
+            step = max(1, SCORE_BYTES // (4 * hq * (k1 - k0)))
+            for start in range(q0, q1, step):
+                yield start, min(q1, start + step), k0, k1
 
     # -- the rest: vectorised torch -----------------------------------------------------
 

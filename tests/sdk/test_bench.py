@@ -35,3 +35,47 @@ def test_bench_ops_json(tmp_path: Path) -> None:
         assert abs(r["speedup"] - r["baseline_seconds"] / r["seconds"]) < 1e-9
         assert r["gbps"] > 0 and r["fraction_of_clone"] == r["speedup"]
     assert "copy_pages" in res.stdout
+
+
+def test_bench_rag_json(tmp_path: Path) -> None:
+    out = tmp_path / "rag.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvfuse",
+        "bench",
+        "rag",
+        "--device",
+        "cpu",
+        "--context-tokens",
+        "256",
+        "--chunks",
+        "4",
+        "--question-tokens",
+        "8",
+        "--layers",
+        "2",
+        "--split",
+        "cpu,npu",
+        "--json",
+        str(out),
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    r = json.loads(out.read_text())
+    for key in (
+        "device",
+        "context_tokens",
+        "ttft_full_s",
+        "ttft_reuse_s",
+        "ttft_blend_s",
+        "speedup_reuse",
+        "speedup_blend",
+        "kl_reuse",
+        "kl_blend",
+        "max_abs_logit_diff_reuse",
+        "max_abs_logit_diff_blend",
+    ):
+        assert key in r, key
+    assert r["context_tokens"] == 256 and r["hit_rate"] == 1.0
+    assert abs(r["speedup_reuse"] - r["ttft_full_s"] / r["ttft_reuse_s"]) < 1e-9
+    assert r["max_abs_logit_diff_split_vs_reuse"] < 1e-4

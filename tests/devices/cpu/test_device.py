@@ -64,3 +64,14 @@ def test_openvino_errors_become_device_errors(cpu: CpuDevice, monkeypatch: pytes
     with pytest.raises(kvfuse.DeviceError, match="OpenVINO failed in fusion_attention") as info:
         _call(cpu, p)
     assert isinstance(info.value.__cause__, Exception) and "f99" in str(info.value.__cause__)
+
+
+def test_long_prefill_is_split_into_query_blocks(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks bound the score tensor; results equal the unsplit call."""
+    p = make_problem([[(300, 0), (77, 400)]], [[*range(299, 340), 476]], hq=8, hkv=2, d=64, seed=6)
+    whole = _call(cpu, p)
+    monkeypatch.setattr("kvfuse.devices.cpu.device.SCORE_BYTES", 4 * 8 * 377 * 5)  # 5 queries per block
+    assert [b[:2] for b in cpu._blocks([0, 42], [0, 377], 8)][:2] == [(0, 5), (5, 10)]
+    split = _call(cpu, p)
+    torch.testing.assert_close(split[0], whole[0], atol=0, rtol=0)
+    torch.testing.assert_close(split[1], whole[1], atol=0, rtol=0)

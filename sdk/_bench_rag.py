@@ -1,0 +1,192 @@
+"""``kvfuse bench rag``: time to first token of a RAG question over stored chunks.
+
+(a) full prefill, (b) full reuse of the stored chunks, (c) CacheBlend-style selective
+recompute; with the store's hit rate and tier traffic, and how far (b) and (c) deviate
+from (a) (max |logit difference| and KL of the next-token distribution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from kvfuse.rag import Answer, RagPipeline, deviation
+
+
+def _median(fn: Callable[[], Answer], repeat: int) -> Answer:
+    runs = [fn() for _ in range(repeat)]
+    runs.sort(key=lambda a: a.seconds)
+    return runs[len(runs) // 2]
+
+
+def run_rag(
+    device: str,
+    *,
+    context_tokens: int,
+    chunks: int,
+    question_tokens: int,
+    ratio: float,
+    layers: int,
+    repeat: int = 1,
+    split: tuple[str, str] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    from kvfuse.models import LlamaConfig, LlamaModel
+    from kvfuse.store import KVPool, TieredStore
+
+    config = LlamaConfig(num_layers=layers, max_position=max(16384, context_tokens + question_tokens + 1))
+    model = LlamaModel.random(config, seed=seed, device=device)
+    ns = config.namespace("kvfuse-bench-llama", page_size=16)
+    chunk_len = context_tokens // chunks
+    pages = 3 * (context_tokens // 16 + 2 * chunks) + 4 * (question_tokens // 16 + 2) + 64
+    store = TieredStore(ns, KVPool(ns, pages))
+    pipe = RagPipeline(model, store)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, config.vocab_size, (chunk_len,), generator=g).tolist() for _ in range(chunks)]
+    question = torch.randint(0, config.vocab_size, (question_tokens,), generator=g).tolist()
+    # warm-up on a small request: compiles every model/session signature once
+    small = [docs[0][:32]]
+    pipe.full(small, question[:4]), pipe.reuse(small, question[:4]), pipe.blend(small, question[:4], ratio)
+    ingest = _median(lambda: Answer(torch.zeros(1), _timed(lambda: pipe.ingest(docs))), 1).seconds
+    order = [docs[i] for i in torch.randperm(chunks, generator=g).tolist()]  # retrieved in a new order
+    before = store.stats.hits.copy(), store.stats.misses
+    full = _median(lambda: pipe.full(order, question), repeat)
+    reuse = _median(lambda: pipe.reuse(order, question), repeat)
+    blend = _median(lambda: pipe.blend(order, question, ratio), repeat)
+    hits = sum(store.stats.hits.values()) - sum(before[0].values())
+    misses = store.stats.misses - before[1]
+    dr, db = deviation(full.logits, reuse.logits), deviation(full.logits, blend.logits)
+    result: dict[str, Any] = {
+        "device": device,
+        "layers": layers,
+        "hidden_size": config.hidden_size,
+        "context_tokens": chunk_len * chunks,
+        "chunks": chunks,
+        "question_tokens": question_tokens,
+        "ratio": ratio,
+        "threads": torch.get_num_threads(),
+        "ingest_s": ingest,
+        "ttft_full_s": full.seconds,
+        "ttft_reuse_s": reuse.seconds,
+        "ttft_blend_s": blend.seconds,
+        "speedup_reuse": full.seconds / reuse.seconds,
+        "speedup_blend": full.seconds / blend.seconds,
+        "kl_reuse": dr[1],
+        "kl_blend": db[1],
+        "max_abs_logit_diff_reuse": dr[0],
+        "max_abs_logit_diff_blend": db[0],
+        "blend_recomputed_tokens": blend.recomputed,
+        "hit_rate": hits / max(1, hits + misses),
+        "tier_hits": dict(store.stats.hits),
+        "tier_bytes_moved": dict(store.stats.bytes_moved),
+        "demotions": dict(store.stats.demotions),
+    }
+    if split:
+        sp = _median(lambda: pipe.reuse(order, question, split=split), repeat)
+        result |= {
+            "split_devices": list(split),
+            "ttft_split_s": sp.seconds,
+            "max_abs_logit_diff_split_vs_reuse": deviation(reuse.logits, sp.logits)[0],
+        }
+    return result
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(
+        f"device {r['device']}: {r['layers']} layers, hidden {r['hidden_size']}, {r['context_tokens']} context "
+        f"tokens in {r['chunks']} chunks, {r['question_tokens']}-token question, {r['threads']} threads"
+    )
+    print(f"  ingest (prefill + store every chunk once): {r['ingest_s']:.2f} s")
+    print(f"  (a) full prefill    TTFT {r['ttft_full_s']:8.3f} s")
+    print(
+        f"  (b) full reuse      TTFT {r['ttft_reuse_s']:8.3f} s   x{r['speedup_reuse']:6.1f}   "
+        f"KL {r['kl_reuse']:.2e}  max|dlogit| {r['max_abs_logit_diff_reuse']:.3f}"
+    )
+    print(
+        f"  (c) blend r={r['ratio']:<5}  TTFT {r['ttft_blend_s']:8.3f} s   x{r['speedup_blend']:6.1f}   "
+        f"KL {r['kl_blend']:.2e}  max|dlogit| {r['max_abs_logit_diff_blend']:.3f}  "
+        f"({r['blend_recomputed_tokens']} tokens recomputed)"
+    )
+    if "ttft_split_s" in r:
+        print(
+            f"  split {r['split_devices'][0]}+{r['split_devices'][1]}  TTFT {r['ttft_split_s']:8.3f} s   "
+            f"max|dlogit| vs one device {r['max_abs_logit_diff_split_vs_reuse']:.2e}"
+        )
+    print(f"  store: hit rate {r['hit_rate']:.2f}, hits by tier {r['tier_hits']}, bytes moved {r['tier_bytes_moved']}")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    import kvfuse
+
+    reg = kvfuse.registry()
+    device = (
+        args.device or max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
+    )
+    split = tuple(args.split.split(",")) if args.split else None
+    common = {
+        "chunks": args.chunks,
+        "question_tokens": args.question_tokens,
+        "ratio": args.ratio,
+        "layers": args.layers,
+        "repeat": args.repeat,
+    }
+    result = run_rag(device, context_tokens=args.context_tokens, split=split, **common)
+    _print(result)
+    if args.plot:
+        _plot(device, args.context_tokens, common, args.plot, result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _plot(device: str, top: int, common: dict[str, Any], path: str, last: dict[str, Any]) -> None:
+    """TTFT of the three modes vs context length, as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({s for s in (top // 8, top // 4, top // 2) if s >= 256 * common["chunks"] // 8} | {top})
+    rows = [run_rag(device, context_tokens=s, **common) for s in sizes[:-1]] + [last]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("ttft_full_s", "(a) full prefill"),
+        ("ttft_reuse_s", "(b) full reuse"),
+        ("ttft_blend_s", f"(c) blend r={common['ratio']}"),
+    ):
+        ax.plot([r["context_tokens"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"kvfuse bench rag — {device}, {common['layers']} layers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"  plot written to {path}")
+
+
+def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
+    p = bench_sub.add_parser("rag", help="TTFT of full prefill vs stored-KV reuse vs CacheBlend recompute")
+    p.add_argument("--device", metavar="NAME", help="kvfuse device (default: the best available)")
+    p.add_argument("--context-tokens", type=int, default=8192)
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--question-tokens", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=0.15, help="blend_select ratio for (c)")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1, help="runs per mode (median)")
+    p.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH", help="PNG of TTFT vs context length (needs matplotlib)")
+    p.set_defaults(func=_cmd)
