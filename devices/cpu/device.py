@@ -27,7 +27,7 @@ from kvfuse import (
 )
 from kvfuse.devices.cpu import moves
 from kvfuse.devices.cpu.attention import OV_TYPES, ModelCache, Signature
-from kvfuse.ops import _rope
+from kvfuse.ops import _blend, _rope
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
 SCORE_BYTES = 256 << 20  # largest fp32 score tensor one inference may materialise
@@ -173,12 +173,9 @@ class CpuDevice(Device):
     def blend_select(
         self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int, always: torch.Tensor | None
     ) -> torch.Tensor:
-        diff = k_fresh.float() - k_stored.float()
-        score = (diff * diff).sum(dim=(1, 2))
-        picked = torch.sort(score, descending=True, stable=True).indices[:count]
-        if always is not None:
-            picked = torch.cat([picked, always.long()])
-        return torch.unique(picked)
+        """The contract's own definition is vectorised torch (fp32 scores, a stable sort) and
+        runs on any torch device, so it is used as is."""
+        return _blend.blend_select_reference(k_stored, k_fresh, count, always)
 
     def append_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor

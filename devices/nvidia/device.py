@@ -27,6 +27,7 @@ from kvfuse import (
 )
 from kvfuse._device import OP_FEATURES
 from kvfuse.devices.nvidia import configs
+from kvfuse.ops import _blend
 
 HEAD_DIMS = frozenset({16, 32, 64, 80, 96, 128, 160, 192, 256})
 
@@ -220,13 +221,9 @@ class NvidiaDevice(Device):
     def blend_select(
         self, k_stored: torch.Tensor, k_fresh: torch.Tensor, count: int, always: torch.Tensor | None
     ) -> torch.Tensor:
-        """torch on the device: an fp32 score per token, then a stable sort."""
-        diff = k_fresh.float() - k_stored.float()
-        score = (diff * diff).sum(dim=(1, 2))
-        picked = torch.sort(score, descending=True, stable=True).indices[:count]
-        if always is not None:
-            picked = torch.cat([picked, always.long()])
-        return torch.unique(picked)
+        """The contract's own definition is vectorised torch (fp32 scores, a stable sort) and
+        runs on any torch device, so it is used as is."""
+        return _blend.blend_select_reference(k_stored, k_fresh, count, always)
 
     # -- moves ---------------------------------------------------------------------------
 
