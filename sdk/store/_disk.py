@@ -20,6 +20,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from kvfuse.store._keys import DTYPES, Namespace
@@ -43,6 +44,67 @@ def _digest(data: bytes | memoryview) -> bytes:
 
 def _raw(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def encode(key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor) -> bytes:
+    """One chunk in kvfuse's format (the disk file's bytes, also the remote tier's value)."""
+    payload_k, payload_v = _raw(k.cpu()), _raw(v.cpu())
+    h = hashlib.blake2b(digest_size=32)
+    h.update(payload_k)
+    h.update(payload_v)
+    header = json.dumps(
+        {
+            "key": key,
+            "namespace": namespace.fingerprint(),
+            "dtype": namespace.dtype,
+            "shape": list(k.shape),
+            "payload_bytes": len(payload_k) + len(payload_v),
+            "payload_blake2b": h.hexdigest(),
+        },
+        sort_keys=True,
+    ).encode()
+    return MAGIC + struct.pack("<Q", len(header)) + header + _digest(header) + payload_k + payload_v
+
+
+def decode(data: bytes | memoryview, key: str, namespace: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, V) of an encoded chunk; raises ValueError on any checksum or layout mismatch."""
+    import io
+
+    f = io.BytesIO(data)
+    meta = read_header(f, key, namespace)
+    raw_shape = meta["shape"]
+    if not isinstance(raw_shape, list):
+        raise ValueError("bad shape")
+    shape = [int(x) for x in raw_shape]
+    dtype = DTYPES[str(meta["dtype"])]
+    if tuple(shape) != namespace.chunk_shape(shape[1]) or dtype != namespace.torch_dtype:
+        raise ValueError("layout mismatch")
+    payload = f.read()
+    if len(payload) != meta["payload_bytes"]:
+        raise ValueError("truncated payload")
+    if hashlib.blake2b(payload, digest_size=32).hexdigest() != meta["payload_blake2b"]:
+        raise ValueError("payload checksum mismatch")
+    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    half = len(payload) // 2
+    return buf[:half].view(dtype).reshape(shape), buf[half:].view(dtype).reshape(shape)
+
+
+def read_header(f: Any, key: str, namespace: Namespace) -> dict[str, object]:
+    """The verified header at the start of ``f``; raises ValueError on any mismatch."""
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError("bad magic")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > 1 << 20:
+        raise ValueError("header too long")
+    header = f.read(length)
+    if len(header) != length or f.read(32) != _digest(header):
+        raise ValueError("header checksum mismatch")
+    meta: dict[str, object] = json.loads(header)
+    if meta.get("namespace") != namespace.fingerprint():
+        raise ValueError("namespace mismatch")
+    if meta.get("key") != key:
+        raise ValueError("key mismatch")
+    return meta
 
 
 class DiskTier:
@@ -89,54 +151,18 @@ class DiskTier:
             os.close(dir_fd)
         return self.path(key).stat().st_size
 
-    def _header(self, f: object, path: Path) -> dict[str, object]:
-        """The verified header of an open file; raises ValueError on any mismatch."""
-        read = f.read  # type: ignore[attr-defined]
-        if read(len(MAGIC)) != MAGIC:
-            raise ValueError("bad magic")
-        (length,) = struct.unpack("<Q", read(8))
-        if length > 1 << 20:
-            raise ValueError("header too long")
-        header = read(length)
-        if len(header) != length or read(32) != _digest(header):
-            raise ValueError("header checksum mismatch")
-        meta: dict[str, object] = json.loads(header)
-        if meta.get("namespace") != self.namespace.fingerprint():
-            raise ValueError("namespace mismatch")
-        if meta.get("key") != path.name.removesuffix(SUFFIX):
-            raise ValueError("key mismatch")
-        return meta
-
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's (K, V) on the host, or None (a miss) if absent or invalid."""
         path = self.path(key)
         try:
-            with open(path, "rb") as f:
-                meta = self._header(f, path)
-                raw_shape = meta["shape"]
-                if not isinstance(raw_shape, list):
-                    raise ValueError("bad shape")
-                shape = [int(x) for x in raw_shape]
-                dtype = DTYPES[str(meta["dtype"])]
-                if tuple(shape) != self.namespace.chunk_shape(shape[1]) or dtype != self.namespace.torch_dtype:
-                    raise ValueError("layout mismatch")
-                payload = f.read()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            return decode(data, key, self.namespace)
         except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError):
             self._quarantine(path)
             return None
-        if (
-            len(payload) != meta["payload_bytes"]
-            or hashlib.blake2b(payload, digest_size=32).hexdigest() != meta["payload_blake2b"]
-        ):
-            self._quarantine(path)
-            return None
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        half = len(payload) // 2
-        k = data[:half].view(dtype).reshape(shape)
-        v = data[half:].view(dtype).reshape(shape)
-        return k, v
 
     def _quarantine(self, path: Path) -> None:
         try:
@@ -157,7 +183,7 @@ class DiskTier:
         for path in self.root.glob(f"*{SUFFIX}"):
             try:
                 with open(path, "rb") as f:
-                    meta = self._header(f, path)
+                    meta = read_header(f, path.name.removesuffix(SUFFIX), self.namespace)
                 stat = path.stat()
             except FileNotFoundError:
                 continue

@@ -21,8 +21,9 @@ from kvfuse._errors import StoreError
 from kvfuse.store._disk import DiskTier
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import KVPool
+from kvfuse.store._remote import RemoteTier
 
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk", "remote")
 
 
 @dataclass
@@ -34,8 +35,17 @@ class StoreStats:
         default_factory=lambda: {"device->host": 0, "host->disk": 0, "disk->drop": 0, "host->drop": 0}
     )
     bytes_moved: dict[str, int] = field(
-        default_factory=lambda: {"device->host": 0, "host->disk": 0, "host->device": 0, "disk->device": 0}
+        default_factory=lambda: {
+            "device->host": 0,
+            "host->disk": 0,
+            "host->device": 0,
+            "disk->device": 0,
+            "remote->device": 0,
+            "device->remote": 0,
+        }
     )
+    remote_failures: int = 0
+    remote_corrupt: int = 0
 
     def hit_rate(self) -> float:
         total = sum(self.hits.values()) + self.misses
@@ -62,6 +72,8 @@ class TieredStore:
         host_bytes: capacity of the host tier (0: none).
         disk_dir: the disk tier's directory (None: none). Several processes may share one.
         disk_bytes: capacity of the disk tier.
+        remote: a remote tier (Mooncake Store): looked up on a local miss, new chunks
+            published to it; its failures degrade to the local tiers, never fail a call.
     """
 
     def __init__(
@@ -72,6 +84,7 @@ class TieredStore:
         host_bytes: int = 1 << 30,
         disk_dir: str | os.PathLike[str] | None = None,
         disk_bytes: int = 8 << 30,
+        remote: RemoteTier | None = None,
     ) -> None:
         self.namespace = namespace
         self.pool = pool
@@ -79,6 +92,7 @@ class TieredStore:
         self.disk_bytes = disk_bytes
         self.disk = DiskTier(disk_dir, namespace) if disk_dir is not None else None
         self.stats = StoreStats()
+        self.remote = remote
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
         if self.disk is not None:  # rebuild the index from disk
             for e in self.disk.scan():
@@ -109,8 +123,7 @@ class TieredStore:
         if e is None and self.disk is not None and self.disk.path(key).exists():
             e = _Entry(key, 0, 0, "disk")  # written by another process
         if e is None:
-            self.stats.misses += 1
-            return None
+            return self._fetch_remote(key)
         self.stats.hits[e.tier] += 1
         if e.tier == "device":
             self._entries.move_to_end(key)
@@ -134,6 +147,27 @@ class TieredStore:
         self.stats.bytes_moved[source] += 2 * k.numel() * k.element_size()
         return pages
 
+    def _fetch_remote(self, key: str) -> list[int] | None:
+        """A local miss: look in the remote tier before the caller recomputes."""
+        loaded = self.remote.get(key) if self.remote is not None else None
+        self._sync_remote_counters()
+        if loaded is None:
+            self.stats.misses += 1
+            return None
+        k, v = loaded
+        self.stats.hits["remote"] += 1
+        self.stats.bytes_moved["remote->device"] += 2 * k.numel() * k.element_size()
+        return self._place(key, k, v, pinned=0)
+
+    def _publish(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.remote is not None and self.remote.put(key, k, v):
+            self.stats.bytes_moved["device->remote"] += 2 * k.numel() * k.element_size()
+        self._sync_remote_counters()
+
+    def _sync_remote_counters(self) -> None:
+        if self.remote is not None:
+            self.stats.remote_failures, self.stats.remote_corrupt = self.remote.failures, self.remote.corrupt
+
     def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """Store a chunk's K/V ([num_layers, num_tokens, num_kv_heads, head_dim], un-rotated
         keys); returns its pages in the device pool."""
@@ -142,7 +176,9 @@ class TieredStore:
             raise StoreError(f"chunk KV must be {want} {self.namespace.dtype}, got {tuple(k.shape)} {k.dtype}")
         self.stats.puts += 1
         old = self._entries.get(key)
-        return self._place(key, k, v, pinned=old.pins if old else 0)
+        pages = self._place(key, k, v, pinned=old.pins if old else 0)
+        self._publish(key, k, v)
+        return pages
 
     def commit(self, key: str, pages: list[int], num_tokens: int) -> None:
         """Register KV that the caller already wrote into ``pages`` of the pool (e.g. by
@@ -150,6 +186,8 @@ class TieredStore:
         self.stats.puts += 1
         self._entries[key] = _Entry(key, num_tokens, self._nbytes(num_tokens), "device", pages=pages)
         self._entries.move_to_end(key)
+        if self.remote is not None and self.remote.up:  # publish for other machines
+            self._publish(key, *self.pool.read(pages, num_tokens))
 
     def allocate(self, num_tokens: int) -> list[int]:
         """Pages for a new chunk, making room by demotion if needed (see :meth:`commit`)."""

@@ -58,7 +58,7 @@ def test_put_fetch_round_trip_through_every_tier(tmp_path: Path) -> None:
     for key in ("c5", "c3", "c0"):
         pages = store.fetch(key)
         assert pages is not None and _same(pool.read(pages, 10), chunks[key])
-    assert store.stats.hits == {"device": 1, "host": 1, "disk": 1}
+    assert store.stats.hits == {"device": 1, "host": 1, "disk": 1, "remote": 0}
     assert store.fetch("nope") is None and store.stats.misses == 1
 
 

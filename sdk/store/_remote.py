@@ -1,0 +1,138 @@
+"""The remote tier: chunk KV shared between machines through Mooncake Store.
+
+Values are kvfuse's own checksummed chunk format (the disk tier's bytes), moved with
+``put_from`` / ``get_into`` from a registered buffer — never a pickle or an opaque tensor
+serializer. A checksum or layout mismatch is a miss. If the master or a peer is gone, the
+tier reports a miss (or skips a publish) with a warning and a counter, and stays quiet for
+``retry_after_s`` before trying again: no request fails because the remote tier failed.
+
+On a GPU machine install the CUDA wheel of the Mooncake transfer engine; the TCP protocol
+used here becomes RDMA by configuration (``protocol="rdma"``, ``rdma_devices``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from kvfuse._errors import StoreError
+from kvfuse.store._disk import decode, encode
+from kvfuse.store._keys import Namespace
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Where the Mooncake master and metadata server are, and how to reach peers."""
+
+    master: str  # "host:port" of mooncake_master's RPC server
+    metadata: str  # e.g. "http://127.0.0.1:8080/metadata" (the master's HTTP metadata server)
+    protocol: str = "tcp"  # or "rdma"
+    rdma_devices: str = ""
+    local_hostname: str = "127.0.0.1"
+    global_segment_bytes: int = 64 << 20  # memory this process contributes to the shared pool
+    local_buffer_bytes: int = 64 << 20  # registered staging buffer for put_from / get_into
+    retry_after_s: float = 5.0
+
+
+class RemoteTier:
+    def __init__(self, config: RemoteConfig, namespace: Namespace) -> None:
+        try:
+            from mooncake.store import MooncakeDistributedStore
+        except ImportError as exc:
+            raise StoreError("the remote tier needs Mooncake: pip install 'kvfuse[remote]'") from exc
+        self.config = config
+        self.namespace = namespace
+        self.failures = 0
+        self.corrupt = 0
+        self._down_until = 0.0
+        self.client = MooncakeDistributedStore()
+        rc = self.client.setup(
+            config.local_hostname,
+            config.metadata,
+            config.global_segment_bytes,
+            config.local_buffer_bytes,
+            config.protocol,
+            config.rdma_devices,
+            config.master,
+        )
+        if rc != 0:
+            raise StoreError(f"Mooncake store setup failed (code {rc}) for master {config.master}")
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._reserve(1 << 20)
+
+    def _reserve(self, nbytes: int) -> None:
+        """A registered staging buffer of at least ``nbytes``."""
+        if self._buffer.numel() >= nbytes:
+            return
+        if self._buffer.numel():
+            self.client.unregister_buffer(self._buffer.data_ptr())
+        self._buffer = torch.empty(max(nbytes, 2 * self._buffer.numel()), dtype=torch.uint8)
+        rc = self.client.register_buffer(self._buffer.data_ptr(), self._buffer.numel())
+        if rc != 0:
+            raise StoreError(f"Mooncake register_buffer failed (code {rc})")
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _fail(self, what: str, detail: object) -> None:
+        self.failures += 1
+        self._down_until = time.monotonic() + self.config.retry_after_s
+        warnings.warn(
+            f"kvfuse remote tier: {what} failed ({detail}); serving from the local tiers", RuntimeWarning, stacklevel=3
+        )
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk, or None: absent, unreachable (warned, counted) or corrupt (counted)."""
+        if not self.up:
+            return None
+        try:
+            exists = self.client.is_exist(key)
+            if exists < 0:
+                self._fail("lookup", f"code {exists}")
+                return None
+            if exists == 0:
+                return None
+            size = self.client.get_size(key)
+            if size <= 0:
+                return None
+            self._reserve(size)
+            got = self.client.get_into(key, self._buffer.data_ptr(), size)
+        except Exception as exc:
+            self._fail("get", exc)
+            return None
+        if got < 0:
+            self._fail("get", f"code {got}")
+            return None
+        try:
+            return decode(self._buffer[:got].numpy().tobytes(), key, self.namespace)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.corrupt += 1
+            warnings.warn(
+                f"kvfuse remote tier: value of {key} rejected ({exc}); treated as a miss", RuntimeWarning, stacklevel=2
+            )
+            return None
+
+    def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Publish a chunk; False (warned, counted) if the remote tier is unreachable."""
+        if not self.up:
+            return False
+        data = encode(key, self.namespace, k, v)
+        try:
+            if self.client.is_exist(key) == 1:
+                return True  # same key, same bytes: already published
+            self._reserve(len(data))
+            self._buffer[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            rc = self.client.put_from(key, self._buffer.data_ptr(), len(data))
+        except Exception as exc:
+            self._fail("put", exc)
+            return False
+        if rc != 0:
+            self._fail("put", f"code {rc}")
+            return False
+        return True
+
+    def close(self) -> None:
+        self.client.close()
