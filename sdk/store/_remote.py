@@ -136,3 +136,72 @@ class RemoteTier:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalMaster:
+    """A ``mooncake_master`` on 127.0.0.1 only (RPC, HTTP metadata and metrics servers), for
+    tests, demos and single-machine use. ``with LocalMaster() as m: RemoteTier(m.config, ns)``."""
+
+    def __init__(self) -> None:
+        self.proc: object = None
+        self.rpc, self.http, self.metrics = _free_port(), _free_port(), _free_port()
+        self.config = RemoteConfig(master=f"127.0.0.1:{self.rpc}", metadata=f"http://127.0.0.1:{self.http}/metadata")
+
+    def start(self, timeout: float = 30.0) -> LocalMaster:
+        import shutil
+        import socket
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        binary = shutil.which("mooncake_master") or str(Path(sys.executable).parent / "mooncake_master")
+        args = [
+            binary,
+            "-rpc_address=127.0.0.1",
+            f"-rpc_port={self.rpc}",
+            "-enable_http_metadata_server=true",
+            "-http_metadata_server_host=127.0.0.1",
+            f"-http_metadata_server_port={self.http}",
+            "-metrics_host=127.0.0.1",
+            f"-metrics_port={self.metrics}",
+            "-enable_metric_reporting=false",
+        ]
+        try:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            raise StoreError(f"cannot start mooncake_master ({binary}): {exc}") from exc
+        deadline = time.monotonic() + timeout
+        for port in (self.rpc, self.http):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise StoreError(f"mooncake_master did not open 127.0.0.1:{port}") from None
+                    time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        import subprocess
+
+        if isinstance(self.proc, subprocess.Popen):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> LocalMaster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,101 @@
+"""The remote tier against a real mooncake_master on 127.0.0.1 and real worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("mooncake.store")
+
+from kvfuse.store import KVPool, LocalMaster, Namespace, RemoteTier, TieredStore
+from kvfuse.store._disk import encode
+
+NS = Namespace(model_id="tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
+
+
+def _chunk(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = NS.chunk_shape(tokens)
+    return torch.randn(shape, generator=g).to(torch.bfloat16), torch.randn(shape, generator=g).to(torch.bfloat16)
+
+
+def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+
+
+PUBLISHER = """
+import sys, torch
+from kvfuse.store import KVPool, Namespace, RemoteConfig, RemoteTier, TieredStore
+ns = Namespace(**{ns})
+remote = RemoteTier(RemoteConfig(master={master!r}, metadata={metadata!r}), ns)
+store = TieredStore(ns, KVPool(ns, 16), host_bytes=0, remote=remote)
+for i in range(3):
+    g = torch.Generator().manual_seed(i)
+    s = ns.chunk_shape(10)
+    store.put(f"chunk{{i}}", torch.randn(s, generator=g).to(torch.bfloat16), torch.randn(s, generator=g).to(torch.bfloat16))
+print("published", store.stats.bytes_moved["device->remote"], flush=True)
+sys.stdin.readline()  # keep this process (and the memory it lends to the pool) alive until told
+"""
+
+
+@pytest.fixture
+def master() -> LocalMaster:
+    with LocalMaster() as m:
+        yield m
+
+
+def _publisher(master: LocalMaster) -> subprocess.Popen[str]:
+    code = PUBLISHER.format(ns=NS.model_dump(), master=master.config.master, metadata=master.config.metadata)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("published") and int(line.split()[1]) > 0, proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def test_round_trip_between_processes_is_bit_exact(master: LocalMaster) -> None:
+    publisher = _publisher(master)
+    try:
+        store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=RemoteTier(master.config, NS))
+        for i in range(3):
+            pages = store.fetch(f"chunk{i}")
+            assert pages is not None and _same(store.pool.read(pages, 10), _chunk(i))
+        assert store.stats.hits["remote"] == 3 and store.stats.misses == 0
+        assert store.fetch("never-stored") is None and store.stats.misses == 1
+    finally:
+        publisher.communicate("\n", timeout=30)
+
+
+def test_master_gone_degrades_to_local_tiers(master: LocalMaster) -> None:
+    store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=RemoteTier(master.config, NS))
+    store.put("local", *_chunk(5))
+    master.stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.fetch("elsewhere") is None  # a miss, not an error
+        store.put("after", *_chunk(6))  # publishing fails quietly
+    assert store.stats.remote_failures >= 1
+    assert any("serving from the local tiers" in str(w.message) for w in caught)
+    for key, seed in (("local", 5), ("after", 6)):  # local tiers intact, right KV
+        pages = store.fetch(key)
+        assert pages is not None and _same(store.pool.read(pages, 10), _chunk(seed))
+
+
+def test_corrupted_remote_value_is_a_miss(master: LocalMaster) -> None:
+    remote = RemoteTier(master.config, NS)
+    data = bytearray(encode("bad", NS, *_chunk(7)))
+    data[-3] ^= 0x10  # one flipped payload bit
+    buf = torch.frombuffer(data, dtype=torch.uint8)
+    assert remote.client.register_buffer(buf.data_ptr(), len(data)) == 0
+    assert remote.client.put_from("bad", buf.data_ptr(), len(data)) == 0
+    store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=remote)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert store.fetch("bad") is None
+    assert store.stats.remote_corrupt == 1 and store.stats.misses == 1
