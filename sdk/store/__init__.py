@@ -13,6 +13,7 @@ __all__ = [
     "FORMAT_VERSION",
     "TIERS",
     "KVPool",
+    "LocalMaster",
     "Namespace",
     "Plan",
     "RemoteConfig",

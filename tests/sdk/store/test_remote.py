@@ -37,7 +37,8 @@ store = TieredStore(ns, KVPool(ns, 16), host_bytes=0, remote=remote)
 for i in range(3):
     g = torch.Generator().manual_seed(i)
     s = ns.chunk_shape(10)
-    store.put(f"chunk{{i}}", torch.randn(s, generator=g).to(torch.bfloat16), torch.randn(s, generator=g).to(torch.bfloat16))
+    k, v = (torch.randn(s, generator=g).to(torch.bfloat16) for _ in range(2))
+    store.put(f"chunk{{i}}", k, v)
 print("published", store.stats.bytes_moved["device->remote"], flush=True)
 sys.stdin.readline()  # keep this process (and the memory it lends to the pool) alive until told
 """
