@@ -34,6 +34,7 @@ from kvfuse._errors import (
 )
 from kvfuse._hookspecs import hookimpl, hookspec
 from kvfuse._registry import BrokenPlugin, Registry, registry
+from kvfuse._transport import PoolDescriptor, Transport
 from kvfuse._version import __version__
 from kvfuse.ops import (
     RopeConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "KvfuseError",
     "OpCapability",
     "PluginError",
+    "PoolDescriptor",
     "Registry",
     "Requirement",
     "RopeConfig",
@@ -77,6 +79,7 @@ __all__ = [
     "TransferError",
     "TransferHandle",
     "TransferTimeoutError",
+    "Transport",
     "UnsupportedError",
     "__version__",
     "append_kv",

@@ -245,5 +245,7 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
     p.set_defaults(func=_cmd)
     from kvfuse._bench_rag import register as register_rag
+    from kvfuse._bench_transfer import register as register_transfer
 
     register_rag(parser, bsub)
+    register_transfer(parser, bsub)

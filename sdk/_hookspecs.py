@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from kvfuse._device import Device
+    from kvfuse._transport import Transport
 
 PROJECT = "kvfuse"
 ENTRY_POINT_GROUP = "kvfuse.devices"
@@ -30,3 +31,8 @@ def kvfuse_devices() -> Sequence[Device]:  # type: ignore[empty-body]
     Called once per process, lazily. Must be cheap: probing happens later, through
     :meth:`Device.probe`.
     """
+
+
+@hookspec
+def kvfuse_transports() -> Sequence[type[Transport]]:  # type: ignore[empty-body]
+    """Return the page transports (classes of :class:`kvfuse.Transport`) this plugin provides."""

@@ -30,6 +30,7 @@ from kvfuse._errors import (
     PluginError,
     UnsupportedError,
 )
+from kvfuse._transport import Transport
 
 __all__ = ["BrokenPlugin", "Registry", "registry"]
 
@@ -149,6 +150,22 @@ class Registry:
     def devices(self) -> list[Device]:
         """Every registered device, by name."""
         return [self._devices[n] for n in sorted(self._devices)]
+
+    def transports(self) -> dict[str, type[Transport]]:
+        """Page transports provided by the loaded plugins, by name."""
+        found: dict[str, type[Transport]] = {}
+        for result in self._pm.hook.kvfuse_transports():
+            for cls in result:
+                found[cls.name] = cls
+        return found
+
+    def transport(self, name: str) -> type[Transport]:
+        try:
+            return self.transports()[name]
+        except KeyError:
+            raise DeviceNotFoundError(
+                f"no transport named {name!r} (registered: {sorted(self.transports())})"
+            ) from None
 
     def origin(self, name: str) -> str:
         """The plugin (entry-point name) that provided device ``name``."""

@@ -52,8 +52,13 @@ def master() -> LocalMaster:
 
 def _publisher(master: LocalMaster) -> subprocess.Popen[str]:
     code = PUBLISHER.format(ns=NS.model_dump(), master=master.config.master, metadata=master.config.metadata)
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("published") and int(line.split()[1]) > 0, proc.stderr.read() if proc.stderr else ""

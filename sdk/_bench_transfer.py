@@ -1,0 +1,100 @@
+"""``kvfuse bench transfer``: GB/s of page transfer between two processes (Mooncake Transfer
+Engine over TCP on 127.0.0.1), against a local ``torch.clone`` of the same bytes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+PAGE_SIZE, HEADS, HEAD_DIM = 16, 8, 128
+
+
+def _median_pair(fn: Any, base: Any, repeat: int) -> tuple[float, float]:
+    """Medians of ``repeat`` interleaved timed runs of each, after one warm-up of each."""
+    fn()
+    base()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for f, acc in ((fn, times[0]), (base, times[1])):
+            start = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> list[dict[str, Any]]:
+    from kvfuse.store._keys import DTYPES
+    from kvfuse.transfer import MooncakeTransport
+
+    top = max(counts)
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "kvfuse.transfer._peer", str(top), str(PAGE_SIZE), str(HEADS), str(HEAD_DIM), dtype],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sender = MooncakeTransport()
+    try:
+        assert peer.stdout is not None
+        desc = json.loads(peer.stdout.readline())
+        kv = torch.randn(2, top, PAGE_SIZE, HEADS, HEAD_DIM).to(DTYPES[dtype])
+        k, v = kv[0].contiguous(), kv[1].contiguous()
+        sender.register_pool(k, v)
+        rows = []
+        for n in counts:
+            ids = torch.randperm(top)[:n].tolist()
+            dst = torch.randperm(top)[:n].tolist()
+            src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
+            secs, base = _median_pair(
+                lambda ids=ids, dst=dst: sender.send_pages(k, v, ids, desc, dst).wait(),
+                lambda a=src_k, b=src_v: (a.clone(), b.clone()),
+                repeat,
+            )
+            nbytes = 2 * n * k[0].numel() * k.element_size()
+            rows.append(
+                {
+                    "pages": n,
+                    "bytes": nbytes,
+                    "seconds": secs,
+                    "clone_seconds": base,
+                    "gbps": nbytes / secs / 1e9,
+                    "clone_gbps": nbytes / base / 1e9,
+                    "fraction_of_clone": base / secs,
+                }
+            )
+        return rows
+    finally:
+        sender.close()
+        peer.kill()
+        peer.wait()
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    counts = [int(x) for x in args.pages.split(",")]
+    rows = run_transfer(counts, repeat=args.repeat)
+    print(f"page = {PAGE_SIZE} tokens x {HEADS} kv heads x {HEAD_DIM} dims, bf16, K and V; Mooncake TCP, 127.0.0.1")
+    for r in rows:
+        print(
+            f"  {r['pages']:5d} pages {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
+            f"{r['gbps']:7.2f} GB/s   clone {r['clone_gbps']:7.2f} GB/s  "
+            f"{100 * r['fraction_of_clone']:6.1f} % of clone"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": rows, "threads": torch.get_num_threads()}, f, indent=2)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
+    p = bench_sub.add_parser("transfer", help="page transfer between two processes vs torch.clone")
+    p.add_argument("--pages", default="1,16,256,4096", help="comma-separated page counts")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=_cmd)

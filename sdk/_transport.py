@@ -1,0 +1,56 @@
+"""Page transports: move KV pages from one process's pool to another's (prefill worker →
+decode worker). A transport is provided by a plugin through the ``kvfuse_transports`` hook,
+like devices, so another engine (NIXL, ...) is one plugin away.
+
+The receiving side registers its pool and hands the sender a :class:`PoolDescriptor`
+(JSON-able, sent out of band); the sender calls :meth:`Transport.send_pages`. Destination
+pages are only valid once the returned :class:`TransferHandle` completes without error:
+a receiver marks them valid when the sender tells it so, never before.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, ClassVar, TypedDict
+
+import torch
+
+if TYPE_CHECKING:
+    from kvfuse.ops import TransferHandle
+
+
+class PoolDescriptor(TypedDict):
+    """Where a registered pool lives, for a peer to write into."""
+
+    transport: str
+    session: str  # how peers reach this process
+    k_addr: int
+    v_addr: int
+    page_bytes: int
+    num_pages: int
+
+
+class Transport(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def register_pool(self, k_pages: torch.Tensor, v_pages: torch.Tensor) -> PoolDescriptor:
+        """Make ``k_pages``/``v_pages`` ([num_pages, page_size, num_kv_heads, head_dim],
+        contiguous) reachable by peers; returns their descriptor."""
+
+    @abc.abstractmethod
+    def send_pages(
+        self,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        src_ids: list[int],
+        peer: PoolDescriptor,
+        dst_ids: list[int],
+        *,
+        non_blocking: bool = False,
+    ) -> TransferHandle:
+        """Write pages ``src_ids`` of the local (registered) pool into pages ``dst_ids`` of
+        the peer's pool. ``wait()`` raises TransferError naming the pages that failed."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release the engine's resources."""

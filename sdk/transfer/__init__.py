@@ -1,0 +1,8 @@
+"""Page transfer between processes (prefill worker → decode worker)."""
+
+from __future__ import annotations
+
+from kvfuse._transport import PoolDescriptor, Transport
+from kvfuse.transfer._mooncake import MooncakeTransport
+
+__all__ = ["MooncakeTransport", "PoolDescriptor", "Transport"]
