@@ -22,6 +22,29 @@ def _median(fn: Callable[[], Answer], repeat: int) -> Answer:
     return runs[len(runs) // 2]
 
 
+def workload(
+    layers: int, context_tokens: int, chunks: int, question_tokens: int, seed: int, device: str | None
+) -> tuple[Any, list[list[int]], list[int]]:
+    """The benchmark's model, documents and question: identical in every process (seeded)."""
+    from kvfuse.models import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(num_layers=layers, max_position=max(16384, context_tokens + question_tokens + 1))
+    model = LlamaModel.random(config, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed)
+    chunk_len = context_tokens // chunks
+    docs = [torch.randint(0, config.vocab_size, (chunk_len,), generator=g).tolist() for _ in range(chunks)]
+    question = torch.randint(0, config.vocab_size, (question_tokens,), generator=g).tolist()
+    return model, docs, question
+
+
+def make_store(model: Any, context_tokens: int, chunks: int, question_tokens: int, remote: Any = None) -> Any:
+    from kvfuse.store import KVPool, TieredStore
+
+    ns = store_namespace(model)
+    pages = 3 * (context_tokens // 16 + 2 * chunks) + 4 * (question_tokens // 16 + 2) + 64
+    return TieredStore(ns, KVPool(ns, pages), remote=remote)
+
+
 def run_rag(
     device: str,
     *,
@@ -31,22 +54,15 @@ def run_rag(
     ratio: float,
     layers: int,
     repeat: int = 1,
-    split: tuple[str, str] | None = None,
+    split: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    from kvfuse.models import LlamaConfig, LlamaModel
-    from kvfuse.store import KVPool, TieredStore
-
-    config = LlamaConfig(num_layers=layers, max_position=max(16384, context_tokens + question_tokens + 1))
-    model = LlamaModel.random(config, seed=seed, device=device)
-    ns = config.namespace("kvfuse-bench-llama", page_size=16)
+    model, docs, question = workload(layers, context_tokens, chunks, question_tokens, seed, device)
+    config = model.config
     chunk_len = context_tokens // chunks
-    pages = 3 * (context_tokens // 16 + 2 * chunks) + 4 * (question_tokens // 16 + 2) + 64
-    store = TieredStore(ns, KVPool(ns, pages))
+    store = make_store(model, context_tokens, chunks, question_tokens)
     pipe = RagPipeline(model, store)
-    g = torch.Generator().manual_seed(seed)
-    docs = [torch.randint(0, config.vocab_size, (chunk_len,), generator=g).tolist() for _ in range(chunks)]
-    question = torch.randint(0, config.vocab_size, (question_tokens,), generator=g).tolist()
+    g = torch.Generator().manual_seed(seed + 1)
     # warm-up on a small request: compiles every model/session signature once
     small = [docs[0][:32]]
     pipe.full(small, question[:4]), pipe.reuse(small, question[:4]), pipe.blend(small, question[:4], ratio)
@@ -85,13 +101,74 @@ def run_rag(
         "demotions": dict(store.stats.demotions),
     }
     if split:
-        sp = _median(lambda: pipe.reuse(order, question, split=split), repeat)
+        sp = _median(lambda: pipe.reuse(order, question, split=(split[0], split[1])), repeat)
         result |= {
             "split_devices": list(split),
             "ttft_split_s": sp.seconds,
             "max_abs_logit_diff_split_vs_reuse": deviation(reuse.logits, sp.logits)[0],
         }
     return result
+
+
+def run_remote(
+    device: str, *, context_tokens: int, chunks: int, question_tokens: int, layers: int, seed: int = 0
+) -> dict[str, Any]:
+    """Two processes over Mooncake Store: a publisher prefills every chunk and publishes its
+    KV; this process, with empty local tiers, answers from remote hits."""
+    import subprocess
+    import sys
+
+    from kvfuse.store import LocalMaster, RemoteTier
+
+    with LocalMaster() as master:
+        spec = {
+            "device": device,
+            "context_tokens": context_tokens,
+            "chunks": chunks,
+            "question_tokens": question_tokens,
+            "layers": layers,
+            "seed": seed,
+            "master": master.config.master,
+            "metadata": master.config.metadata,
+        }
+        publisher = subprocess.Popen(
+            [sys.executable, "-m", "kvfuse.rag._publish", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert publisher.stdout is not None
+            ready = json.loads(publisher.stdout.readline())
+            model, docs, question = workload(layers, context_tokens, chunks, question_tokens, seed, device)
+            store = make_store(
+                model, context_tokens, chunks, question_tokens, RemoteTier(master.config, store_namespace(model))
+            )
+            pipe = RagPipeline(model, store)
+            small = [[t + 1 for t in docs[0][:32]]]
+            pipe.full(small, question[:4]), pipe.reuse(small, question[:4])  # warm-up (compiles)
+            full = pipe.full(docs, question)
+            remote = pipe.reuse(docs, question)
+            return {
+                "device": device,
+                "layers": layers,
+                "context_tokens": len(docs) * len(docs[0]),
+                "publisher_ingest_s": ready["ingest_s"],
+                "ttft_full_s": full.seconds,
+                "ttft_remote_s": remote.seconds,
+                "speedup_remote": full.seconds / remote.seconds,
+                "remote_hits": store.stats.hits["remote"],
+                "remote_bytes": store.stats.bytes_moved["remote->device"],
+                "max_abs_logit_diff_remote": deviation(full.logits, remote.logits)[0],
+            }
+        finally:
+            publisher.kill()
+            publisher.wait()
+
+
+def store_namespace(model: Any) -> Any:
+    return model.config.namespace("kvfuse-bench-llama", page_size=16)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -133,6 +210,27 @@ def _cmd(args: argparse.Namespace) -> int:
     device = (
         args.device or max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
     )
+    if args.remote:
+        r = run_remote(
+            device,
+            context_tokens=args.context_tokens,
+            chunks=args.chunks,
+            question_tokens=args.question_tokens,
+            layers=args.layers,
+        )
+        print(
+            f"two processes over Mooncake Store (127.0.0.1): the publisher prefilled {r['context_tokens']} "
+            f"tokens in {r['publisher_ingest_s']:.2f} s"
+        )
+        print(f"  (a) full prefill        TTFT {r['ttft_full_s']:8.3f} s")
+        print(
+            f"  (b) reuse remote hits   TTFT {r['ttft_remote_s']:8.3f} s   x{r['speedup_remote']:6.1f}   "
+            f"{r['remote_hits']} remote hits, {r['remote_bytes'] / 2**20:.1f} MiB fetched"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return 0
     split = tuple(args.split.split(",")) if args.split else None
     common = {
         "chunks": args.chunks,
@@ -189,4 +287,9 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     p.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG of TTFT vs context length (needs matplotlib)")
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="two processes over Mooncake Store: one publishes chunk KV, this one answers from it",
+    )
     p.set_defaults(func=_cmd)

@@ -27,7 +27,7 @@ class RemoteConfig:
     """Where the Mooncake master and metadata server are, and how to reach peers."""
 
     master: str  # "host:port" of mooncake_master's RPC server
-    metadata: str  # e.g. "http://127.0.0.1:8080/metadata" (the master's HTTP metadata server)
+    metadata: str = "P2PHANDSHAKE"  # or a metadata server URL, e.g. "http://host:8080/metadata"
     protocol: str = "tcp"  # or "rdma"
     rdma_devices: str = ""
     local_hostname: str = "127.0.0.1"
@@ -153,8 +153,8 @@ class LocalMaster:
 
     def __init__(self) -> None:
         self.proc: object = None
-        self.rpc, self.http, self.metrics = _free_port(), _free_port(), _free_port()
-        self.config = RemoteConfig(master=f"127.0.0.1:{self.rpc}", metadata=f"http://127.0.0.1:{self.http}/metadata")
+        self.rpc, self.metrics = _free_port(), _free_port()
+        self.config = RemoteConfig(master=f"127.0.0.1:{self.rpc}", metadata="P2PHANDSHAKE")
 
     def start(self, timeout: float = 30.0) -> LocalMaster:
         import shutil
@@ -164,13 +164,13 @@ class LocalMaster:
         from pathlib import Path
 
         binary = shutil.which("mooncake_master") or str(Path(sys.executable).parent / "mooncake_master")
+        # no HTTP metadata server (this master binds it on every interface whatever the
+        # host flag says): clients exchange metadata peer to peer (P2PHANDSHAKE)
         args = [
             binary,
             "-rpc_address=127.0.0.1",
             f"-rpc_port={self.rpc}",
-            "-enable_http_metadata_server=true",
-            "-http_metadata_server_host=127.0.0.1",
-            f"-http_metadata_server_port={self.http}",
+            "-enable_http_metadata_server=false",
             "-metrics_host=127.0.0.1",
             f"-metrics_port={self.metrics}",
             "-enable_metric_reporting=false",
@@ -180,7 +180,7 @@ class LocalMaster:
         except OSError as exc:
             raise StoreError(f"cannot start mooncake_master ({binary}): {exc}") from exc
         deadline = time.monotonic() + timeout
-        for port in (self.rpc, self.http):
+        for port in (self.rpc,):
             while True:
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

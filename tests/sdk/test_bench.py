@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_ops_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -79,3 +81,32 @@ def test_bench_rag_json(tmp_path: Path) -> None:
     assert r["context_tokens"] == 256 and r["hit_rate"] == 1.0
     assert abs(r["speedup_reuse"] - r["ttft_full_s"] / r["ttft_reuse_s"]) < 1e-9
     assert r["max_abs_logit_diff_split_vs_reuse"] < 1e-4
+
+
+@pytest.mark.netns
+def test_bench_rag_remote_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("mooncake.store")
+    out = tmp_path / "remote.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvfuse",
+        "bench",
+        "rag",
+        "--remote",
+        "--device",
+        "cpu",
+        "--context-tokens",
+        "256",
+        "--chunks",
+        "4",
+        "--question-tokens",
+        "8",
+        "--layers",
+        "2",
+        "--json",
+        str(out),
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    r = json.loads(out.read_text())
+    assert r["remote_hits"] == 4 and r["remote_bytes"] > 0 and r["max_abs_logit_diff_remote"] < 1e3

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+pytestmark = pytest.mark.netns  # see the Makefile: run inside a private network namespace
 pytest.importorskip("mooncake.store")
 
 from kvfuse.store import KVPool, LocalMaster, Namespace, RemoteTier, TieredStore

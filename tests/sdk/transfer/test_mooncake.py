@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+pytestmark = pytest.mark.netns  # see the Makefile: run inside a private network namespace
 pytest.importorskip("mooncake.engine")
 
 import kvfuse
