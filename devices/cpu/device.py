@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ from kvfuse.ops import _blend, _rope
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
 SCORE_BYTES = 256 << 20  # largest fp32 score tensor one inference may materialise
+STAGING_BYTES = 512 << 20  # largest K (or V) gather kept in a reused buffer
 
 
 def _ov_input(t: torch.Tensor) -> object:
@@ -51,6 +53,7 @@ class CpuDevice(Device):
 
     def __init__(self) -> None:
         self.models = ModelCache(int(os.environ.get("KVFUSE_CPU_MODEL_CACHE", "32")))
+        self._local = threading.local()  # per-thread K and V gather buffers, reused
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:
@@ -104,8 +107,8 @@ class CpuDevice(Device):
         )
         flat = segments.flatten(page_size)
         # every KV token of the batch in one gather, no Python loop per token
-        keys = torch.index_select(k_pages.view(-1, hkv, d), 0, flat.slots)
-        values = torch.index_select(v_pages.view(-1, hkv, d), 0, flat.slots)
+        keys = self._gather(0, k_pages.view(-1, hkv, d), flat.slots)
+        values = self._gather(1, v_pages.view(-1, hkv, d), flat.slots)
         if rope is not None:
             cos, sin = rope.table(d)
         else:
@@ -138,6 +141,22 @@ class CpuDevice(Device):
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
         return out.to(q.dtype), lse
+
+    def _gather(self, which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``rows[slots]`` into a reused staging buffer: a fresh one would cost a page fault
+        per 4 KiB, which on this class of machine is most of a decode step."""
+        shape = (slots.shape[0], *rows.shape[1:])
+        nbytes = slots.shape[0] * rows[0].numel() * rows.element_size()
+        if nbytes > STAGING_BYTES:
+            return torch.index_select(rows, 0, slots)
+        staging = self._local.__dict__.setdefault("staging", [torch.empty(0), torch.empty(0)])
+        buf = staging[which]
+        if buf.dtype != rows.dtype or buf.numel() < rows[0].numel() * slots.shape[0]:
+            buf = staging[which] = torch.empty(
+                max(buf.numel() * buf.element_size(), nbytes) // rows.element_size(), dtype=rows.dtype
+            )
+        out = buf[: rows[0].numel() * slots.shape[0]].view(shape)
+        return torch.index_select(rows, 0, slots, out=out)
 
     @staticmethod
     def _blocks(qi: list[int], ki: list[int], hq: int) -> Iterator[tuple[int, int, int, int]]:

@@ -75,3 +75,18 @@ def test_long_prefill_is_split_into_query_blocks(cpu: CpuDevice, monkeypatch: py
     split = _call(cpu, p)
     torch.testing.assert_close(split[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(split[1], whole[1], atol=0, rtol=0)
+
+
+def test_gather_staging_is_reused_and_per_thread(cpu: CpuDevice) -> None:
+    import threading
+
+    rows = torch.randn(100, 2, 8)
+    a = cpu._gather(0, rows, torch.tensor([5, 1, 7]))
+    ptr = a.data_ptr()
+    b = cpu._gather(0, rows, torch.tensor([9, 9]))  # smaller: same memory, no new allocation
+    assert b.data_ptr() == ptr and torch.equal(b, rows[[9, 9]])
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(cpu._gather(0, rows, torch.tensor([1])).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != ptr  # another thread never shares the buffer
