@@ -3,8 +3,8 @@
 fusion_attention runs as a compiled OpenVINO model (``attention.py``); the ops OpenVINO
 does not fit (moves, merge, rope_rerotate, blend_select) are vectorised torch on host
 memory. fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
-otherwise run them in bf16 on AVX-512 BF16 parts); fp16/bf16 inputs are upcast in the
-graph and accumulated in fp32.
+otherwise run them in bf16 on AVX-512 BF16 parts); bf16 inputs feed the graph's MatMuls as
+bf16 with fp32 accumulation, fp16 inputs are upcast.
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ class CpuDevice(Device):
             "f32",
         )
         flat = segments.flatten(page_size)
-        # every KV token of the batch in one gather, no Python loop per token
-        keys = self._gather(0, k_pages.view(-1, hkv, d), flat.slots)
-        values = self._gather(1, v_pages.view(-1, hkv, d), flat.slots)
+        k_rows, v_rows = k_pages.view(-1, hkv, d), v_pages.view(-1, hkv, d)
         if rope is not None:
             cos, sin = rope.table(d)
         else:
@@ -126,49 +124,51 @@ class CpuDevice(Device):
                 "cos": _ov_input(cos),
                 "sin": _ov_input(sin),
             }
-            for q0, q1, k0, k1 in self._blocks(qi, ki, hq):
-                inputs = {
-                    "q": _ov_input(q[q0:q1]),
-                    "k": _ov_input(keys[k0:k1]),
-                    "v": _ov_input(values[k0:k1]),
-                    "q_pos": _ov_input(q_pos64[q0:q1]),
-                    "k_pos": _ov_input(flat.k_pos[k0:k1]),
-                    **shared,
-                }
-                result = request.infer(inputs, share_outputs=True)
-                out[q0:q1] = torch.from_numpy(result[0])
-                lse[q0:q1] = torch.from_numpy(result[1])
+            for b in range(len(qi) - 1):
+                k0, k1 = ki[b], ki[b + 1]
+                if qi[b] == qi[b + 1] or k0 == k1:
+                    continue
+                # this request's KV, head-major: a few index_selects, no Python loop per token
+                keys = _ov_input(self._gather(0, k_rows, flat.slots[k0:k1]))
+                values = _ov_input(self._gather(1, v_rows, flat.slots[k0:k1]))
+                k_pos = _ov_input(flat.k_pos[k0:k1])
+                for q0, q1 in self._blocks(qi[b], qi[b + 1], k1 - k0, hq):
+                    inputs = {"q": _ov_input(q[q0:q1]), "k": keys, "v": values, "k_pos": k_pos}
+                    result = request.infer({**inputs, "q_pos": _ov_input(q_pos64[q0:q1]), **shared}, share_outputs=True)
+                    out[q0:q1] = torch.from_numpy(result[0])
+                    lse[q0:q1] = torch.from_numpy(result[1])
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
         return out.to(q.dtype), lse
 
     def _gather(self, which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``rows[slots]`` into a reused staging buffer: a fresh one would cost a page fault
-        per 4 KiB, which on this class of machine is most of a decode step."""
-        shape = (slots.shape[0], *rows.shape[1:])
-        nbytes = slots.shape[0] * rows[0].numel() * rows.element_size()
-        if nbytes > STAGING_BYTES:
-            return torch.index_select(rows, 0, slots)
-        staging = self._local.__dict__.setdefault("staging", [torch.empty(0), torch.empty(0)])
-        buf = staging[which]
-        if buf.dtype != rows.dtype or buf.numel() < rows[0].numel() * slots.shape[0]:
-            buf = staging[which] = torch.empty(
-                max(buf.numel() * buf.element_size(), nbytes) // rows.element_size(), dtype=rows.dtype
-            )
-        out = buf[: rows[0].numel() * slots.shape[0]].view(shape)
-        return torch.index_select(rows, 0, slots, out=out)
+        """``rows[slots]`` head-major, ``[num_kv_heads, len(slots), head_dim]``, in a reused
+        per-thread staging buffer (a fresh one would cost a page fault per 4 KiB, most of a
+        decode step on this class of machine). One ``index_select`` per head: each copies
+        whole head_dim rows, and OpenVINO then needs no transposed copy of K or V."""
+        n, (hkv, d) = slots.shape[0], rows.shape[1:]
+        numel = n * hkv * d
+        if numel * rows.element_size() > STAGING_BYTES:
+            buf = torch.empty(numel, dtype=rows.dtype)
+        else:
+            staging = self._local.__dict__.setdefault("staging", [torch.empty(0), torch.empty(0)])
+            buf = staging[which]
+            if buf.dtype != rows.dtype or buf.numel() < numel:
+                buf = staging[which] = torch.empty(
+                    max(buf.numel() * buf.element_size() // rows.element_size(), numel), dtype=rows.dtype
+                )
+        out = buf[:numel].view(hkv, n, d)
+        for h in range(hkv):
+            torch.index_select(rows[:, h], 0, slots, out=out[h])
+        return out
 
     @staticmethod
-    def _blocks(qi: list[int], ki: list[int], hq: int) -> Iterator[tuple[int, int, int, int]]:
-        """(q0, q1, k0, k1) per inference, request by request: a long prefill is split into query
-        blocks so its fp32 score tensor stays under SCORE_BYTES (the graph is unfused)."""
-        for b in range(len(qi) - 1):
-            q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
-            if q1 == q0 or k1 == k0:
-                continue
-            step = max(1, SCORE_BYTES // (4 * hq * (k1 - k0)))
-            for start in range(q0, q1, step):
-                yield start, min(q1, start + step), k0, k1
+    def _blocks(q0: int, q1: int, num_k: int, hq: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) query blocks of one request: a long prefill is split so its fp32
+        score tensor stays under SCORE_BYTES (the graph is unfused)."""
+        step = max(1, SCORE_BYTES // (4 * hq * num_k))
+        for start in range(q0, q1, step):
+            yield start, min(q1, start + step)
 
     # -- the rest: vectorised torch -----------------------------------------------------
 

@@ -71,7 +71,7 @@ def test_long_prefill_is_split_into_query_blocks(cpu: CpuDevice, monkeypatch: py
     p = make_problem([[(300, 0), (77, 400)]], [[*range(299, 340), 476]], hq=8, hkv=2, d=64, seed=6)
     whole = _call(cpu, p)
     monkeypatch.setattr("kvfuse.devices.cpu.device.SCORE_BYTES", 4 * 8 * 377 * 5)  # 5 queries per block
-    assert [b[:2] for b in cpu._blocks([0, 42], [0, 377], 8)][:2] == [(0, 5), (5, 10)]
+    assert list(cpu._blocks(0, 42, 377, 8))[:2] == [(0, 5), (5, 10)]
     split = _call(cpu, p)
     torch.testing.assert_close(split[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(split[1], whole[1], atol=0, rtol=0)
@@ -82,9 +82,10 @@ def test_gather_staging_is_reused_and_per_thread(cpu: CpuDevice) -> None:
 
     rows = torch.randn(100, 2, 8)
     a = cpu._gather(0, rows, torch.tensor([5, 1, 7]))
+    assert a.is_contiguous() and torch.equal(a, rows[[5, 1, 7]].transpose(0, 1))  # head-major
     ptr = a.data_ptr()
     b = cpu._gather(0, rows, torch.tensor([9, 9]))  # smaller: same memory, no new allocation
-    assert b.data_ptr() == ptr and torch.equal(b, rows[[9, 9]])
+    assert b.data_ptr() == ptr and torch.equal(b, rows[[9, 9]].transpose(0, 1))
     other: list[int] = []
     t = threading.Thread(target=lambda: other.append(cpu._gather(0, rows, torch.tensor([1])).data_ptr()))
     t.start()
