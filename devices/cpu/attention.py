@@ -4,13 +4,17 @@ The signature fixes heads, head_dim, dtype and the feature flags (causal, window
 RoPE style and rotary dim); the token counts stay dynamic, so one compiled model serves
 every sequence length. Compiled models live in a bounded LRU cache.
 
-The graph, per request (q: [nq, Hq, D], k/v: [nk, Hkv, D], positions q_pos/k_pos):
+The graph, per request (q: [nq, Hq, D], k/v: [Hkv, nk, D], positions q_pos/k_pos):
 rotate q and k with rows of the fp32 RoPE table (Gather), group the q heads by kv head
 (GQA without repeating K/V), score = sm_scale * q·k (soft-capped), mask by position,
 then an explicit softmax whose max and sum also give the lse (natural log). Rows with no
-visible key get out = 0, lse = -inf. K and V arrive head-major ([Hkv, nk, D]) so neither
-MatMul needs a transposed copy of them, and each kv head's queries of all its q heads form
-one MatMul: a decode step reads every key and value once.
+visible key get out = 0, lse = -inf. K and V arrive head-major so neither MatMul needs a
+transposed copy of them, and each kv head's queries of all its q heads form one MatMul: a
+decode step reads every key and value once.
+
+The graph is unfused, so every elementwise op is a pass over the score tensor. Keys every
+query sees (a prefill's stored context, all of a decode step's keys) therefore come as
+their own part that is never masked; only the rest (the live tokens) pays for the mask.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ OV_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 @dataclass(frozen=True)
 class Signature:
-    """What a compiled model is specialised for; token counts are dynamic."""
+    """What a compiled model is specialised for; token counts are dynamic.
+
+    The device hands each request's keys over in up to two parts: ``k`` holds keys every
+    query of the call may see (``masked=False``; no mask is built for them at all) or, for
+    ``masked=True``, keys masked by position; ``tail=True`` adds a second, masked part
+    ``k_tail`` (e.g. the live tokens of a prefill under its stored context).
+    """
 
     dtype: str  # OpenVINO element type of q/k/v: f32, f16, bf16
     num_q_heads: int
@@ -40,6 +50,9 @@ class Signature:
     rope_style: str | None  # None, "neox" or "gptj"
     rotary_dim: int
     precision: str  # OpenVINO INFERENCE_PRECISION_HINT
+    sm_scale: float  # a constant, so the CPU plugin folds it into the first MatMul
+    masked: bool = True
+    tail: bool = False
 
 
 def _rope(op: Any, x: Any, cos: Any, sin: Any, style: str, r: int, d: int) -> Any:
@@ -74,8 +87,9 @@ def _rope(op: Any, x: Any, cos: Any, sin: Any, style: str, r: int, d: int) -> An
 
 def build_model(sig: Signature) -> Any:
     """The OpenVINO model of one signature. Inputs: q [nq, Hq, D]; k, v [Hkv, nk, D] (head-major,
-    as the device gathers them); q_pos, k_pos (i64); sm_scale, softcap (f32 scalars); window
-    (i64 scalar); cos, sin ([max_position, rotary_dim/2] f32). Outputs: out [nq, Hq, D] f32,
+    as the device gathers them) and k_pos; with ``sig.tail`` also k_tail, v_tail [Hkv, nt, D]
+    and k_tail_pos; q_pos; softcap (f32 scalar); window (i64 scalar); cos, sin
+    ([max_position, rotary_dim/2] f32). Positions are i64. Outputs: out [nq, Hq, D] f32,
     lse [nq, Hq] f32.
 
     bf16 q/k/v go into both MatMuls as bf16 (AVX-512 BF16 dot products, fp32 accumulation,
@@ -90,17 +104,14 @@ def build_model(sig: Signature) -> Any:
     group = hq // hkv
     elem = getattr(ov.Type, sig.dtype)
     dot = ov.Type.bf16 if sig.dtype == "bf16" else ov.Type.f32  # MatMul operand type
-    f32 = ov.Type.f32
+    f32, i64t = ov.Type.f32, ov.Type.i64
     q = op.parameter([-1, hq, d], elem, name="q")
-    k = op.parameter([hkv, -1, d], elem, name="k")
-    v = op.parameter([hkv, -1, d], elem, name="v")
-    q_pos = op.parameter([-1], ov.Type.i64, name="q_pos")
-    k_pos = op.parameter([-1], ov.Type.i64, name="k_pos")
-    sm_scale = op.parameter([], f32, name="sm_scale")
+    q_pos = op.parameter([-1], i64t, name="q_pos")
     softcap = op.parameter([], f32, name="softcap")
-    window = op.parameter([], ov.Type.i64, name="window")
+    window = op.parameter([], i64t, name="window")
     cos = op.parameter([-1, max(sig.rotary_dim // 2, 1)], f32, name="cos")
     sin = op.parameter([-1, max(sig.rotary_dim // 2, 1)], f32, name="sin")
+    params = [q, q_pos, softcap, window, cos, sin]
 
     def cast(x: Any, t: Any) -> Any:
         return x if x.get_element_type() == t else op.convert(x, t)
@@ -108,52 +119,67 @@ def build_model(sig: Signature) -> Any:
     def i64(*values: int) -> Any:
         return op.constant(np.array(values, dtype=np.int64))
 
-    # -- rotate in f32 with rows of the fp32 table, then to the MatMul operand type
-    qd, kd, vd = cast(q, dot), cast(k, dot), cast(v, dot)
+    def rows(table: Any, pos: Any, axis: int) -> Any:  # table rows at pos, as [.., 1, ..] at axis
+        return op.unsqueeze(op.gather(table, pos, np.array(0)), np.array([axis]))
+
+    # -- q: rotated in f32 (and kept f32 then), rows (token, group) per kv head: [Hkv, nq * group, D]
+    qd = cast(q, dot)
     if sig.rope_style is not None:
-
-        def rows(table: Any, pos: Any, axis: int) -> Any:
-            return op.unsqueeze(op.gather(table, pos, np.array(0)), np.array([axis]))
-
-        r, style = sig.rotary_dim, sig.rope_style
-        # rotated q and k stay f32: rounding them to bf16 would cost the lse its tolerance
-        qd = _rope(op, cast(q, f32), rows(cos, q_pos, 1), rows(sin, q_pos, 1), style, r, d)
-        kd = _rope(op, cast(k, f32), rows(cos, k_pos, 0), rows(sin, k_pos, 0), style, r, d)
-
-    # -- GQA: the q rows (token, group) of one kv head form one MatMul against its keys
+        qd = _rope(op, cast(q, f32), rows(cos, q_pos, 1), rows(sin, q_pos, 1), sig.rope_style, sig.rotary_dim, d)
     nq = op.shape_of(q_pos)
     qg = op.reshape(op.transpose(op.reshape(qd, i64(0, hkv, group, d), True), i64(1, 0, 2, 3)), i64(hkv, -1, d), False)
-    score2 = op.matmul(qg, kd, False, True)  # [Hkv, nq * group, nk]
-    score = op.multiply(cast(op.reshape(score2, op.concat([i64(hkv), nq, i64(group, -1)], 0), False), f32), sm_scale)
-    if sig.softcap:
-        score = op.multiply(op.tanh(op.divide(score, softcap)), softcap)
+    # each score row's query position: q_pos repeated group times, [nq * group, 1]
+    row_pos = op.reshape(op.broadcast(op.unsqueeze(q_pos, i64(1)), op.concat([nq, i64(group)], 0)), i64(-1, 1), False)
 
-    # -- visibility by position, never by index: [nq, 1, nk] against [Hkv, nq, group, nk]
-    qp = op.unsqueeze(q_pos, i64(1))
-    kp = op.unsqueeze(k_pos, i64(0))
-    visible = None
-    if sig.causal:
-        visible = op.less_equal(kp, qp)
-    if sig.window:
-        near = op.less_equal(op.subtract(qp, kp), window)
-        visible = near if visible is None else op.logical_and(visible, near)
-    if visible is not None:
-        score = op.select(op.unsqueeze(visible, i64(1)), score, op.constant(np.float32(-np.inf)))
+    def part(name: str, masked: bool) -> tuple[Any, Any]:
+        """Scores [Hkv, nq * group, n] (f32) of one key part, and its values."""
+        k = op.parameter([hkv, -1, d], elem, name=name)
+        v = op.parameter([hkv, -1, d], elem, name=name.replace("k", "v", 1))
+        k_pos = op.parameter([-1], i64t, name=f"{name}_pos")
+        params.extend([k, v, k_pos])
+        kd = cast(k, dot)
+        if sig.rope_style is not None:  # rotated keys stay f32: bf16 would cost the lse its tolerance
+            kd = _rope(op, cast(k, f32), rows(cos, k_pos, 0), rows(sin, k_pos, 0), sig.rope_style, sig.rotary_dim, d)
+        # scale * q.k: a constant multiplier the CPU plugin fuses into the MatMul
+        score = op.multiply(cast(op.matmul(qg, kd, False, True), f32), op.constant(np.float32(sig.sm_scale)))
+        if sig.softcap:
+            score = op.multiply(op.tanh(op.divide(score, softcap)), softcap)
+        if masked:  # visibility by position, never by index
+            kp = op.unsqueeze(k_pos, i64(0))
+            visible = op.less_equal(kp, row_pos) if sig.causal else None
+            if sig.window:
+                near = op.less_equal(op.subtract(row_pos, kp), window)
+                visible = near if visible is None else op.logical_and(visible, near)
+            if visible is not None:
+                score = op.select(visible, score, op.constant(np.float32(-np.inf)))
+        return score, cast(v, dot)
 
-    # -- softmax with explicit max and sum; lse = max + log(sum)
-    row_max = op.reduce_max(score, i64(-1), True)
-    row_max = op.select(op.is_finite(row_max), row_max, op.constant(np.float32(0.0)))
-    weight = op.exp(op.subtract(score, row_max))
-    total = op.reduce_sum(weight, i64(-1), True)  # 0 for a row with no visible key
+    parts = [part("k", sig.masked)] + ([part("k_tail", True)] if sig.tail else [])
+
+    # -- one softmax over all parts, explicit max and sum; lse = max + log(sum)
+    row_max = op.reduce_max(parts[0][0], i64(-1), True)
+    if sig.tail:
+        row_max = op.maximum(row_max, op.reduce_max(parts[1][0], i64(-1), True))
+    if sig.masked:  # a row may see no key at all: keep max finite, out = 0 and lse = -inf there
+        row_max = op.select(op.is_finite(row_max), row_max, op.constant(np.float32(0.0)))
+    total, acc = None, None
+    for score, v in parts:
+        weight = op.exp(op.subtract(score, row_max))
+        s = op.reduce_sum(weight, i64(-1), True)
+        o = cast(op.matmul(cast(weight, dot), v, False, False), f32)  # [Hkv, nq * group, D]
+        total = s if total is None else op.add(total, s)
+        acc = o if acc is None else op.add(acc, o)
     lse = op.add(row_max, op.log(total))  # log(0) = -inf
-    pv = op.matmul(cast(op.reshape(weight, op.shape_of(score2), False), dot), vd, False, False)
-    out = op.divide(op.reshape(cast(pv, f32), op.concat([i64(hkv), nq, i64(group, d)], 0), False), total)
-    out = op.select(op.greater(total, op.constant(np.float32(0.0))), out, op.constant(np.float32(0.0)))
+    out = op.divide(acc, total)
+    if sig.masked:
+        out = op.select(op.greater(total, op.constant(np.float32(0.0))), out, op.constant(np.float32(0.0)))
 
-    # -- [Hkv, nq, group, *] back to [nq, Hq, D] and [nq, Hq]
+    # -- [Hkv, nq * group, *] back to [nq, Hq, D] and [nq, Hq]
+    out = op.reshape(out, op.concat([i64(hkv), nq, i64(group, d)], 0), False)
     out = op.reshape(op.transpose(out, i64(1, 0, 2, 3)), i64(-1, hq, d), False)
-    lse = op.reshape(op.transpose(lse, i64(1, 0, 2, 3)), i64(-1, hq), False)
-    return ov.Model([out, lse], [q, k, v, q_pos, k_pos, sm_scale, softcap, window, cos, sin], "kvfuse_fusion_attention")
+    lse = op.reshape(lse, op.concat([i64(hkv), nq, i64(group)], 0), False)
+    lse = op.reshape(op.transpose(lse, i64(1, 0, 2)), i64(-1, hq), False)
+    return ov.Model([out, lse], params, "kvfuse_fusion_attention")
 
 
 class ModelCache:

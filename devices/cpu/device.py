@@ -9,11 +9,14 @@ bf16 with fp32 accumulation, fp16 inputs are upcast.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import importlib.util
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +56,7 @@ class CpuDevice(Device):
 
     def __init__(self) -> None:
         self.models = ModelCache(int(os.environ.get("KVFUSE_CPU_MODEL_CACHE", "32")))
-        self._local = threading.local()  # per-thread K and V gather buffers, reused
+        self._local = threading.local()  # per-thread gather buffers and infer requests, reused
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:
@@ -93,7 +96,7 @@ class CpuDevice(Device):
         num_q, hq, d = q.shape
         _, page_size, hkv, _ = k_pages.shape
         rotary = rope.dims(d) if rope is not None else 0
-        sig = Signature(
+        base = Signature(
             OV_TYPES[q.dtype],
             hq,
             hkv,
@@ -104,6 +107,7 @@ class CpuDevice(Device):
             rope.style if rope is not None else None,
             rotary,
             "f32",
+            sm_scale,
         )
         flat = segments.flatten(page_size)
         k_rows, v_rows = k_pages.view(-1, hkv, d), v_pages.view(-1, hkv, d)
@@ -115,31 +119,67 @@ class CpuDevice(Device):
         lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
         qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
         q_pos64 = q_pos.to(torch.int64)
+        sig = base
         try:
-            request = self.models.get(sig).create_infer_request()
             shared = {
-                "sm_scale": np.float32(sm_scale),
                 "softcap": np.float32(softcap),
                 "window": np.int64(window_left),
                 "cos": _ov_input(cos),
                 "sin": _ov_input(sin),
             }
             for b in range(len(qi) - 1):
-                k0, k1 = ki[b], ki[b + 1]
-                if qi[b] == qi[b + 1] or k0 == k1:
+                q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
+                if q0 == q1 or k0 == k1:
                     continue
-                # this request's KV, head-major: a few index_selects, no Python loop per token
-                keys = _ov_input(self._gather(0, k_rows, flat.slots[k0:k1]))
-                values = _ov_input(self._gather(1, v_rows, flat.slots[k0:k1]))
-                k_pos = _ov_input(flat.k_pos[k0:k1])
-                for q0, q1 in self._blocks(qi[b], qi[b + 1], k1 - k0, hq):
-                    inputs = {"q": _ov_input(q[q0:q1]), "k": keys, "v": values, "k_pos": k_pos}
-                    result = request.infer({**inputs, "q_pos": _ov_input(q_pos64[q0:q1]), **shared}, share_outputs=True)
-                    out[q0:q1] = torch.from_numpy(result[0])
-                    lse[q0:q1] = torch.from_numpy(result[1])
+                slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
+                free = self._seen_by_all(k_pos, q_pos64[q0:q1], causal, window_left)
+                # this request's KV, head-major, in at most two parts: a few index_selects each
+                if free is None or bool(free.all()):  # no mask at all
+                    sig = replace(base, causal=False, window=False, masked=False)
+                    parts = [("k", slots, k_pos)]
+                elif not bool(free.any()):
+                    sig, parts = base, [("k", slots, k_pos)]
+                else:
+                    sig = replace(base, masked=False, tail=True)
+                    parts = [("k", slots[free], k_pos[free]), ("k_tail", slots[~free], k_pos[~free])]
+                inputs = dict(shared)
+                for i, (name, part_slots, part_pos) in enumerate(parts):
+                    inputs[name] = _ov_input(self._gather(2 * i, k_rows, part_slots))
+                    inputs["v" + name[1:]] = _ov_input(self._gather(2 * i + 1, v_rows, part_slots))
+                    inputs[f"{name}_pos"] = _ov_input(part_pos)
+                request = self._request(sig)
+                for s0, s1 in self._blocks(q0, q1, k1 - k0, hq):
+                    inputs.update(q=_ov_input(q[s0:s1]), q_pos=_ov_input(q_pos64[s0:s1]))
+                    result = request.infer(inputs, share_outputs=True)
+                    out[s0:s1] = torch.from_numpy(result[0])
+                    lse[s0:s1] = torch.from_numpy(result[1])
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
         return out.to(q.dtype), lse
+
+    @staticmethod
+    def _seen_by_all(k_pos: torch.Tensor, q_pos: torch.Tensor, causal: bool, window_left: int) -> torch.Tensor | None:
+        """Which keys every query of the request sees (None: all of them, nothing masks)."""
+        free = None
+        if causal:
+            free = k_pos <= q_pos.min()
+        if window_left >= 0:
+            near = q_pos.max() - k_pos <= window_left
+            free = near if free is None else free & near
+        return free
+
+    def _request(self, sig: Signature) -> Any:
+        """This thread's infer request on the compiled model of ``sig``, kept: a request holds
+        its intermediate buffers, and a fresh one would page-fault them in again."""
+        compiled = self.models.get(sig)
+        requests = self._local.__dict__.setdefault("requests", collections.OrderedDict())
+        held = requests.pop(sig, None)
+        if held is None or held[0] is not compiled:  # first use, or recompiled after eviction
+            held = (compiled, compiled.create_infer_request())
+        requests[sig] = held
+        while len(requests) > self.models.capacity:
+            requests.popitem(last=False)
+        return held[1]
 
     def _gather(self, which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``rows[slots]`` head-major, ``[num_kv_heads, len(slots), head_dim]``, in a reused
@@ -151,7 +191,7 @@ class CpuDevice(Device):
         if numel * rows.element_size() > STAGING_BYTES:
             buf = torch.empty(numel, dtype=rows.dtype)
         else:
-            staging = self._local.__dict__.setdefault("staging", [torch.empty(0), torch.empty(0)])
+            staging = self._local.__dict__.setdefault("staging", [torch.empty(0)] * 4)
             buf = staging[which]
             if buf.dtype != rows.dtype or buf.numel() < numel:
                 buf = staging[which] = torch.empty(
