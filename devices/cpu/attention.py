@@ -50,7 +50,7 @@ class Signature:
     rope_style: str | None  # None, "neox" or "gptj"
     rotary_dim: int
     precision: str  # OpenVINO INFERENCE_PRECISION_HINT
-    sm_scale: float  # a constant, so the CPU plugin folds it into the first MatMul
+    sm_scale: float  # a constant of the graph
     masked: bool = True
     tail: bool = False
 
@@ -85,6 +85,10 @@ def _rope(op: Any, x: Any, cos: Any, sin: Any, style: str, r: int, d: int) -> An
     return op.concat(parts, 2)
 
 
+def _sum(op: Any, terms: list[Any]) -> Any:
+    return terms[0] if len(terms) == 1 else op.add(terms[0], terms[1])
+
+
 def build_model(sig: Signature) -> Any:
     """The OpenVINO model of one signature. Inputs: q [nq, Hq, D]; k, v [Hkv, nk, D] (head-major,
     as the device gathers them) and k_pos; with ``sig.tail`` also k_tail, v_tail [Hkv, nt, D]
@@ -92,10 +96,10 @@ def build_model(sig: Signature) -> Any:
     ([max_position, rotary_dim/2] f32). Positions are i64. Outputs: out [nq, Hq, D] f32,
     lse [nq, Hq] f32.
 
-    bf16 q/k/v go into both MatMuls as bf16 (AVX-512 BF16 dot products, fp32 accumulation,
-    the probabilities rounded to bf16 for the second one, as GPU flash kernels do) - except
-    that q and k rotated by RoPE stay f32; every other op, the softmax and its lse included,
-    runs in f32. fp16 is upcast (no fp16 dot here).
+    Scores are f32 end to end: q and k go into the first MatMul as f32 (a bf16 MatMul here
+    rounds its result, the scores, to bf16, which costs real-sized logits their tolerance).
+    For bf16 the second MatMul takes bf16 probabilities and values (AVX-512 BF16 dot
+    products, fp32 accumulation), as GPU flash kernels do. fp16 is upcast throughout.
     """
     import openvino as ov
     import openvino.opset13 as op
@@ -103,7 +107,7 @@ def build_model(sig: Signature) -> Any:
     hq, hkv, d = sig.num_q_heads, sig.num_kv_heads, sig.head_dim
     group = hq // hkv
     elem = getattr(ov.Type, sig.dtype)
-    dot = ov.Type.bf16 if sig.dtype == "bf16" else ov.Type.f32  # MatMul operand type
+    dot = ov.Type.bf16 if sig.dtype == "bf16" else ov.Type.f32  # second MatMul's operand type
     f32, i64t = ov.Type.f32, ov.Type.i64
     q = op.parameter([-1, hq, d], elem, name="q")
     q_pos = op.parameter([-1], i64t, name="q_pos")
@@ -122,10 +126,12 @@ def build_model(sig: Signature) -> Any:
     def rows(table: Any, pos: Any, axis: int) -> Any:  # table rows at pos, as [.., 1, ..] at axis
         return op.unsqueeze(op.gather(table, pos, np.array(0)), np.array([axis]))
 
-    # -- q: rotated in f32 (and kept f32 then), rows (token, group) per kv head: [Hkv, nq * group, D]
-    qd = cast(q, dot)
+    # -- q in f32, rotated, scaled (on the scores, OpenVINO would move the constant onto K:
+    # a pass over every key); rows (token, group) per kv head: [Hkv, nq * group, D]
+    qd = cast(q, f32)
     if sig.rope_style is not None:
-        qd = _rope(op, cast(q, f32), rows(cos, q_pos, 1), rows(sin, q_pos, 1), sig.rope_style, sig.rotary_dim, d)
+        qd = _rope(op, qd, rows(cos, q_pos, 1), rows(sin, q_pos, 1), sig.rope_style, sig.rotary_dim, d)
+    qd = op.multiply(qd, op.constant(np.float32(sig.sm_scale)))
     nq = op.shape_of(q_pos)
     qg = op.reshape(op.transpose(op.reshape(qd, i64(0, hkv, group, d), True), i64(1, 0, 2, 3)), i64(hkv, -1, d), False)
     # each score row's query position: q_pos repeated group times, [nq * group, 1]
@@ -137,11 +143,10 @@ def build_model(sig: Signature) -> Any:
         v = op.parameter([hkv, -1, d], elem, name=name.replace("k", "v", 1))
         k_pos = op.parameter([-1], i64t, name=f"{name}_pos")
         params.extend([k, v, k_pos])
-        kd = cast(k, dot)
-        if sig.rope_style is not None:  # rotated keys stay f32: bf16 would cost the lse its tolerance
-            kd = _rope(op, cast(k, f32), rows(cos, k_pos, 0), rows(sin, k_pos, 0), sig.rope_style, sig.rotary_dim, d)
-        # scale * q.k: a constant multiplier the CPU plugin fuses into the MatMul
-        score = op.multiply(cast(op.matmul(qg, kd, False, True), f32), op.constant(np.float32(sig.sm_scale)))
+        kd = cast(k, f32)
+        if sig.rope_style is not None:
+            kd = _rope(op, kd, rows(cos, k_pos, 0), rows(sin, k_pos, 0), sig.rope_style, sig.rotary_dim, d)
+        score = op.matmul(qg, kd, False, True)
         if sig.softcap:
             score = op.multiply(op.tanh(op.divide(score, softcap)), softcap)
         if masked:  # visibility by position, never by index
@@ -162,15 +167,17 @@ def build_model(sig: Signature) -> Any:
         row_max = op.maximum(row_max, op.reduce_max(parts[1][0], i64(-1), True))
     if sig.masked:  # a row may see no key at all: keep max finite, out = 0 and lse = -inf there
         row_max = op.select(op.is_finite(row_max), row_max, op.constant(np.float32(0.0)))
-    total, acc = None, None
-    for score, v in parts:
-        weight = op.exp(op.subtract(score, row_max))
-        s = op.reduce_sum(weight, i64(-1), True)
-        o = cast(op.matmul(cast(weight, dot), v, False, False), f32)  # [Hkv, nq * group, D]
-        total = s if total is None else op.add(total, s)
-        acc = o if acc is None else op.add(acc, o)
+    weights = [op.exp(op.subtract(score, row_max)) for score, _ in parts]
+    total = op.reduce_sum(weights[0], i64(-1), True)  # 0 for a row with no visible key
+    if sig.tail:
+        total = op.add(total, op.reduce_sum(weights[1], i64(-1), True))
     lse = op.add(row_max, op.log(total))  # log(0) = -inf
-    out = op.divide(acc, total)
+    if dot == f32:  # normalise the [.., D] output, not the [.., nk] weights
+        out = op.divide(_sum(op, [op.matmul(w, v, False, False) for w, (_, v) in zip(weights, parts)]), total)
+    else:  # bf16 probabilities into the MatMul: its bf16 result then is rounded once, as the output is
+        inv = op.divide(op.constant(np.float32(1.0)), total)
+        terms = [op.matmul(cast(op.multiply(w, inv), dot), v, False, False) for w, (_, v) in zip(weights, parts)]
+        out = _sum(op, [cast(t, f32) for t in terms])
     if sig.masked:
         out = op.select(op.greater(total, op.constant(np.float32(0.0))), out, op.constant(np.float32(0.0)))
 
