@@ -91,3 +91,37 @@ def test_gather_staging_is_reused_and_per_thread(cpu: CpuDevice) -> None:
     t.start()
     t.join()
     assert other[0] != ptr  # another thread never shares the buffer
+
+
+def test_keys_every_query_sees_go_unmasked(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per request, keys visible to all its queries skip the mask (their own graph part);
+    decode steps need no mask at all, rows that see nothing still get out 0 / lse -inf."""
+    monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=8))
+    cases = {  # name -> (segments, q positions, call kwargs, (masked, tail) expected)
+        "decode": ([(40, 0), (9, 60)], [68], {}, (False, False)),
+        "prefill": ([(40, 0), (9, 60)], [*range(60, 69)], {}, (False, True)),
+        "window": ([(40, 0), (9, 60)], [66, 68], {"window_left": 20}, (False, True)),
+        "row-sees-nothing": ([(40, 10)], [5, 30], {}, (True, False)),
+    }
+    for name, (segs, q_pos, kw, expect) in cases.items():
+        p = make_problem([segs], [q_pos], hq=8, hkv=2, d=64, seed=len(name))
+        before = set(cpu.models._models)
+        out, lse = _call(cpu, p, **kw)
+        ref_out, ref_lse = dense_attention(p, **kw)
+        assert (out.double() - ref_out).abs().max() < 1e-5, name
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), name
+        assert (lse.double() - ref_lse)[torch.isfinite(ref_lse)].abs().max() < 1e-5, name
+        (sig,) = set(cpu.models._models) - before  # each case compiles its own signature
+        assert (sig.masked, sig.tail) == expect, name
+
+
+def test_bf16_scores_stay_f32(cpu: CpuDevice) -> None:
+    """Logits of real-model size (|s| ~ 30): a bf16-rounded score would be off by up to 0.06,
+    moving the lse by that much; f32 scores keep the lse of exactly-bf16 inputs near exact."""
+    p = make_problem([[(200, 0)]], [[199, 150, 20]], hq=8, hkv=2, d=128, dtype=torch.bfloat16, seed=9)
+    p.q.mul_(8)  # bf16 * 8 is exact
+    out, lse = _call(cpu, p)
+    ref_out, ref_lse = dense_attention(p)
+    assert lse.abs().max() > 20
+    assert ((lse.double() - ref_lse).abs() / ref_lse.abs()).max() < 1e-5
+    assert ((out.double() - ref_out).abs() <= 1.5e-2 + 1e-2 * ref_out.abs()).all()
