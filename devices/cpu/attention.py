@@ -172,12 +172,8 @@ def build_model(sig: Signature) -> Any:
     if sig.tail:
         total = op.add(total, op.reduce_sum(weights[1], i64(-1), True))
     lse = op.add(row_max, op.log(total))  # log(0) = -inf
-    if dot == f32:  # normalise the [.., D] output, not the [.., nk] weights
-        out = op.divide(_sum(op, [op.matmul(w, v, False, False) for w, (_, v) in zip(weights, parts)]), total)
-    else:  # bf16 probabilities into the MatMul: its bf16 result then is rounded once, as the output is
-        inv = op.divide(op.constant(np.float32(1.0)), total)
-        terms = [op.matmul(cast(op.multiply(w, inv), dot), v, False, False) for w, (_, v) in zip(weights, parts)]
-        out = _sum(op, [cast(t, f32) for t in terms])
+    terms = [cast(op.matmul(cast(w, dot), v, False, False), f32) for w, (_, v) in zip(weights, parts)]
+    out = op.divide(_sum(op, terms), total)  # normalise the [.., D] output, not the [.., nk] weights
     if sig.masked:
         out = op.select(op.greater(total, op.constant(np.float32(0.0))), out, op.constant(np.float32(0.0)))
 
