@@ -132,25 +132,29 @@ class CpuDevice(Device):
                 if q0 == q1 or k0 == k1:
                     continue
                 slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
-                free = self._seen_by_all(k_pos, q_pos64[q0:q1], causal, window_left)
-                # this request's KV, head-major, in at most two parts: a few index_selects each
-                if free is None or bool(free.all()):  # no mask at all
-                    sig = replace(base, causal=False, window=False, masked=False)
-                    parts = [("k", slots, k_pos)]
-                elif not bool(free.any()):
-                    sig, parts = base, [("k", slots, k_pos)]
-                else:
-                    sig = replace(base, masked=False, tail=True)
-                    parts = [("k", slots[free], k_pos[free]), ("k_tail", slots[~free], k_pos[~free])]
-                inputs = dict(shared)
-                for i, (name, part_slots, part_pos) in enumerate(parts):
-                    inputs[name] = _ov_input(self._gather(2 * i, k_rows, part_slots))
-                    inputs["v" + name[1:]] = _ov_input(self._gather(2 * i + 1, v_rows, part_slots))
-                    inputs[f"{name}_pos"] = _ov_input(part_pos)
-                request = self._request(sig)
+                held: tuple[torch.Tensor, torch.Tensor] | None = None  # key split of the gathered parts
                 for s0, s1 in self._blocks(q0, q1, k1 - k0, hq):
+                    seen_any, seen_all = self._visibility(k_pos, q_pos64[s0:s1], causal, window_left)
+                    free, rest = seen_all.nonzero()[:, 0], (seen_any & ~seen_all).nonzero()[:, 0]
+                    if free.numel() + rest.numel() == 0:
+                        continue  # no query of the block sees any key: out 0, lse -inf
+                    # keys no query of the block sees are left out (a causal prefill's upper
+                    # triangle); keys all of them see go unmasked; head-major, one
+                    # index_select per head, gathered again only when the split changes
+                    if rest.numel() == 0:
+                        sig = replace(base, causal=False, window=False, masked=False)
+                    else:
+                        sig = replace(base, masked=False, tail=True) if free.numel() else base
+                    split = (free, rest)
+                    if held is None or not all(torch.equal(x, y) for x, y in zip(held, split)):
+                        held, inputs = split, dict(shared)
+                        names = ("k", "k_tail") if free.numel() else ("k",)
+                        for i, (name, idx) in enumerate(zip(names, (x for x in split if x.numel()))):
+                            inputs[name] = _ov_input(self._gather(2 * i, k_rows, slots[idx]))
+                            inputs["v" + name[1:]] = _ov_input(self._gather(2 * i + 1, v_rows, slots[idx]))
+                            inputs[f"{name}_pos"] = _ov_input(k_pos[idx])
                     inputs.update(q=_ov_input(q[s0:s1]), q_pos=_ov_input(q_pos64[s0:s1]))
-                    result = request.infer(inputs, share_outputs=True)
+                    result = self._request(sig).infer(inputs, share_outputs=True)
                     out[s0:s1] = torch.from_numpy(result[0])
                     lse[s0:s1] = torch.from_numpy(result[1])
         except RuntimeError as exc:
@@ -158,15 +162,19 @@ class CpuDevice(Device):
         return out.to(q.dtype), lse
 
     @staticmethod
-    def _seen_by_all(k_pos: torch.Tensor, q_pos: torch.Tensor, causal: bool, window_left: int) -> torch.Tensor | None:
-        """Which keys every query of the request sees (None: all of them, nothing masks)."""
-        free = None
+    def _visibility(
+        k_pos: torch.Tensor, q_pos: torch.Tensor, causal: bool, window_left: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key: may some query of the block see it (a superset), and do all of them."""
+        seen_any = torch.ones_like(k_pos, dtype=torch.bool)
+        seen_all = seen_any.clone()
         if causal:
-            free = k_pos <= q_pos.min()
+            seen_any &= k_pos <= q_pos.max()
+            seen_all &= k_pos <= q_pos.min()
         if window_left >= 0:
-            near = q_pos.max() - k_pos <= window_left
-            free = near if free is None else free & near
-        return free
+            seen_any &= q_pos.min() - k_pos <= window_left
+            seen_all &= q_pos.max() - k_pos <= window_left
+        return seen_any, seen_all
 
     def _request(self, sig: Signature) -> Any:
         """This thread's infer request on the compiled model of ``sig``, kept: a request holds

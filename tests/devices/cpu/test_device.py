@@ -34,13 +34,13 @@ def test_one_compile_serves_every_length(cpu: CpuDevice, monkeypatch: pytest.Mon
 
 def test_cache_is_bounded_lru(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=2))
-    p = make_problem([[(20, 0)]], [[19]], hq=4, hkv=2, seed=1)
+    p = make_problem([[(20, 0)]], [[15, 19]], hq=4, hkv=2, seed=1)
     for window in (1, 2, 3):  # every window size shares one signature
         _call(cpu, p, window_left=window)
     _call(cpu, p, softcap=1.0)
     _call(cpu, p, causal=False)
     assert len(cpu.models) == 2 and cpu.models.compiles == 3
-    _call(cpu, p, window_left=4)  # evicted earlier: compiled again
+    _call(cpu, p, window_left=2)  # evicted earlier: compiled again
     assert cpu.models.compiles == 4 and len(cpu.models) == 2
 
 
@@ -125,3 +125,21 @@ def test_bf16_scores_stay_f32(cpu: CpuDevice) -> None:
     assert lse.abs().max() > 20
     assert ((lse.double() - ref_lse).abs() / ref_lse.abs()).max() < 1e-5
     assert ((out.double() - ref_out).abs() <= 1.5e-2 + 1e-2 * ref_out.abs()).all()
+
+
+def test_causal_blocks_leave_out_keys_no_query_sees(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full causal prefill in query blocks: each block gathers only the keys up to its last
+    query (the upper triangle is skipped), and the result equals the definition."""
+    p = make_problem([[(300, 0)]], [list(range(300))], hq=8, hkv=2, d=64, seed=11)
+    monkeypatch.setattr("kvfuse.devices.cpu.device.SCORE_BYTES", 4 * 8 * 300 * 64)  # 64 queries per block
+    gathered: list[int] = []
+    real = cpu._gather
+    monkeypatch.setattr(
+        cpu, "_gather", lambda which, rows, slots: gathered.append(len(slots)) or real(which, rows, slots)
+    )
+    out, lse = _call(cpu, p)
+    ref_out, ref_lse = dense_attention(p)
+    assert (out.double() - ref_out).abs().max() < 1e-5
+    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    # per block: k and v of the keys every query sees, then of the diagonal block's keys
+    assert gathered[::2] == [1, 63, 65, 63, 129, 63, 193, 63, 257, 43]
