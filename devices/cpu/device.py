@@ -14,7 +14,7 @@ import concurrent.futures
 import importlib.util
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +36,7 @@ from kvfuse.ops import _blend, _rope
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
 SCORE_BYTES = 256 << 20  # largest fp32 score tensor one inference may materialise
 STAGING_BYTES = 512 << 20  # largest K (or V) gather kept in a reused buffer
+MIN_BLOCK, MAX_BLOCKS = 64, 8  # causal query blocks: smallest, and most per request
 
 
 def _ov_input(t: torch.Tensor) -> object:
@@ -133,7 +134,7 @@ class CpuDevice(Device):
                     continue
                 slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
                 held: tuple[torch.Tensor, torch.Tensor] | None = None  # key split of the gathered parts
-                for s0, s1 in self._blocks(q0, q1, k1 - k0, hq):
+                for s0, s1 in self._blocks(q0, q_pos64[q0:q1], k_pos, hq, causal):
                     seen_any, seen_all = self._visibility(k_pos, q_pos64[s0:s1], causal, window_left)
                     free, rest = seen_all.nonzero()[:, 0], (seen_any & ~seen_all).nonzero()[:, 0]
                     if free.numel() + rest.numel() == 0:
@@ -211,12 +212,23 @@ class CpuDevice(Device):
         return out
 
     @staticmethod
-    def _blocks(q0: int, q1: int, num_k: int, hq: int) -> Iterator[tuple[int, int]]:
-        """(start, stop) query blocks of one request: a long prefill is split so its fp32
-        score tensor stays under SCORE_BYTES (the graph is unfused)."""
-        step = max(1, SCORE_BYTES // (4 * hq * num_k))
-        for start in range(q0, q1, step):
-            yield start, min(q1, start + step)
+    def _blocks(q0: int, q_pos: torch.Tensor, k_pos: torch.Tensor, hq: int, causal: bool) -> list[tuple[int, int]]:
+        """(start, stop) query blocks of the request whose queries start at ``q0``. Blocks keep
+        the fp32 score tensor under SCORE_BYTES (the graph is unfused). Causal queries in
+        position order are cut further, into up to 8 blocks of >= 64, where that leaves out
+        >= 20 % of the query-key pairs: each block then skips the keys after its last query."""
+        nq, nk = q_pos.shape[0], k_pos.shape[0]
+        step = max(1, SCORE_BYTES // (4 * hq * nk))
+        if causal and nq >= 2 * MIN_BLOCK and bool((q_pos[1:] >= q_pos[:-1]).all()):
+            cut = -(-nq // min(MAX_BLOCKS, nq // MIN_BLOCK))
+            if cut < step:
+                ends = [min(nq, start + cut) for start in range(0, nq, cut)]
+                pairs = sum(
+                    (end - start) * int((k_pos <= q_pos[end - 1]).sum()) for start, end in zip([0, *ends], ends)
+                )
+                if pairs <= 0.8 * nq * nk:
+                    step = cut
+        return [(q0 + start, q0 + min(nq, start + step)) for start in range(0, nq, step)]
 
     # -- the rest: vectorised torch -----------------------------------------------------
 

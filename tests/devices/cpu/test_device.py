@@ -71,7 +71,7 @@ def test_long_prefill_is_split_into_query_blocks(cpu: CpuDevice, monkeypatch: py
     p = make_problem([[(300, 0), (77, 400)]], [[*range(299, 340), 476]], hq=8, hkv=2, d=64, seed=6)
     whole = _call(cpu, p)
     monkeypatch.setattr("kvfuse.devices.cpu.device.SCORE_BYTES", 4 * 8 * 377 * 5)  # 5 queries per block
-    assert list(cpu._blocks(0, 42, 377, 8))[:2] == [(0, 5), (5, 10)]
+    assert cpu._blocks(0, torch.zeros(42), torch.zeros(377), 8, True)[:2] == [(0, 5), (5, 10)]
     split = _call(cpu, p)
     torch.testing.assert_close(split[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(split[1], whole[1], atol=0, rtol=0)
