@@ -1,8 +1,9 @@
 """fusion_attention as an OpenVINO model, compiled once per shape signature.
 
-The signature fixes heads, head_dim, dtype and the feature flags (causal, window, softcap,
-RoPE style and rotary dim); the token counts stay dynamic, so one compiled model serves
-every sequence length. Compiled models live in a bounded LRU cache.
+The signature fixes heads, head_dim, dtype, sm_scale, the feature flags (causal, window,
+softcap, RoPE style and rotary dim) and how the keys are split into parts; the token
+counts stay dynamic, so one compiled model serves every sequence length. Compiled models
+live in a bounded LRU cache.
 
 The graph, per request (q: [nq, Hq, D], k/v: [Hkv, nk, D], positions q_pos/k_pos):
 rotate q and k with rows of the fp32 RoPE table (Gather), group the q heads by kv head
@@ -34,10 +35,10 @@ OV_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 class Signature:
     """What a compiled model is specialised for; token counts are dynamic.
 
-    The device hands each request's keys over in up to two parts: ``k`` holds keys every
-    query of the call may see (``masked=False``; no mask is built for them at all) or, for
-    ``masked=True``, keys masked by position; ``tail=True`` adds a second, masked part
-    ``k_tail`` (e.g. the live tokens of a prefill under its stored context).
+    The device hands the keys of one inference over in up to two parts: ``k`` holds keys
+    every query of the inference sees (``masked=False``: no mask is built for them at all)
+    or, for ``masked=True``, keys masked by position; ``tail=True`` adds a second, masked
+    part ``k_tail`` (e.g. the live tokens of a prefill under its stored context).
     """
 
     dtype: str  # OpenVINO element type of q/k/v: f32, f16, bf16

@@ -3,8 +3,8 @@
 fusion_attention runs as a compiled OpenVINO model (``attention.py``); the ops OpenVINO
 does not fit (moves, merge, rope_rerotate, blend_select) are vectorised torch on host
 memory. fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
-otherwise run them in bf16 on AVX-512 BF16 parts); bf16 inputs feed the graph's MatMuls as
-bf16 with fp32 accumulation, fp16 inputs are upcast.
+otherwise run them in bf16 on AVX-512 BF16 parts). Scores are f32 for every dtype; bf16
+probabilities and values feed the second MatMul as bf16 with fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -133,27 +133,16 @@ class CpuDevice(Device):
                 if q0 == q1 or k0 == k1:
                     continue
                 slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
-                held: tuple[torch.Tensor, torch.Tensor] | None = None  # key split of the gathered parts
+                held: tuple[torch.Tensor, ...] = ()  # the key split gathered last
                 for s0, s1 in self._blocks(q0, q_pos64[q0:q1], k_pos, hq, causal):
                     seen_any, seen_all = self._visibility(k_pos, q_pos64[s0:s1], causal, window_left)
-                    free, rest = seen_all.nonzero()[:, 0], (seen_any & ~seen_all).nonzero()[:, 0]
-                    if free.numel() + rest.numel() == 0:
+                    split = (seen_all.nonzero()[:, 0], (seen_any & ~seen_all).nonzero()[:, 0])
+                    if not any(x.numel() for x in split):
                         continue  # no query of the block sees any key: out 0, lse -inf
-                    # keys no query of the block sees are left out (a causal prefill's upper
-                    # triangle); keys all of them see go unmasked; head-major, one
-                    # index_select per head, gathered again only when the split changes
-                    if rest.numel() == 0:
-                        sig = replace(base, causal=False, window=False, masked=False)
-                    else:
-                        sig = replace(base, masked=False, tail=True) if free.numel() else base
-                    split = (free, rest)
-                    if held is None or not all(torch.equal(x, y) for x, y in zip(held, split)):
-                        held, inputs = split, dict(shared)
-                        names = ("k", "k_tail") if free.numel() else ("k",)
-                        for i, (name, idx) in enumerate(zip(names, (x for x in split if x.numel()))):
-                            inputs[name] = _ov_input(self._gather(2 * i, k_rows, slots[idx]))
-                            inputs["v" + name[1:]] = _ov_input(self._gather(2 * i + 1, v_rows, slots[idx]))
-                            inputs[f"{name}_pos"] = _ov_input(k_pos[idx])
+                    if not held or not all(torch.equal(x, y) for x, y in zip(held, split)):
+                        held = split
+                        sig, inputs = self._key_parts(base, split, slots, k_pos, k_rows, v_rows)
+                        inputs.update(shared)
                     inputs.update(q=_ov_input(q[s0:s1]), q_pos=_ov_input(q_pos64[s0:s1]))
                     result = self._request(sig).infer(inputs, share_outputs=True)
                     out[s0:s1] = torch.from_numpy(result[0])
@@ -161,6 +150,33 @@ class CpuDevice(Device):
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
         return out.to(q.dtype), lse
+
+    def _key_parts(
+        self,
+        base: Signature,
+        split: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+        k_pos: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+    ) -> tuple[Signature, dict[str, object]]:
+        """The signature and K/V inputs for one key split (indices of the keys every query
+        of the block sees, and of the rest it may see; keys no query sees are left out, e.g.
+        a causal prefill's upper triangle). Keys all queries see go in an unmasked part; the
+        rest in a masked one. Each part is gathered head-major."""
+        free, rest = split
+        if rest.numel() == 0:  # nothing to mask
+            sig, parts = replace(base, causal=False, window=False, masked=False), [("k", free)]
+        elif free.numel() == 0:
+            sig, parts = base, [("k", rest)]
+        else:
+            sig, parts = replace(base, masked=False, tail=True), [("k", free), ("k_tail", rest)]
+        inputs: dict[str, object] = {}
+        for i, (name, idx) in enumerate(parts):
+            inputs[name] = _ov_input(self._gather(2 * i, k_rows, slots[idx]))
+            inputs["v" + name[1:]] = _ov_input(self._gather(2 * i + 1, v_rows, slots[idx]))
+            inputs[f"{name}_pos"] = _ov_input(k_pos[idx])
+        return sig, inputs
 
     @staticmethod
     def _visibility(
