@@ -22,6 +22,13 @@ def _call(dev: CpuDevice, p: object, **kw: object) -> tuple[torch.Tensor, torch.
     return kvfuse.fusion_attention(*p.args(), p.segments, device=dev.name, **kw)  # type: ignore[attr-defined]
 
 
+def _assert_matches(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """out and lse within the fp32 tolerance of the float64 definition; -inf where it is."""
+    assert (got[0].double() - ref[0]).abs().max() < 1e-5
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1]))
+    assert (got[1].double() - ref[1])[torch.isfinite(ref[1])].abs().max() < 1e-5
+
+
 def test_one_compile_serves_every_length(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=4))
     for n in (5, 37, 200):  # token counts are dynamic dims of one model
@@ -46,11 +53,9 @@ def test_cache_is_bounded_lru(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -
 
 def test_fp32_runs_in_f32(cpu: CpuDevice) -> None:
     p = make_problem([[(300, 0), (77, 400)]], [[299, 476, 500]], hq=8, hkv=2, d=128, seed=4)
-    out, lse = _call(cpu, p, rope=kvfuse.RopeConfig(max_position=1024))
-    ref_out, ref_lse = dense_attention(p, rope=kvfuse.RopeConfig(max_position=1024))
     # bf16 inference (the CPU plugin's default on AVX-512 BF16 parts) errs by ~1e-3 here
-    assert (out.double() - ref_out).abs().max() < 1e-5
-    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    rope = kvfuse.RopeConfig(max_position=1024)
+    _assert_matches(_call(cpu, p, rope=rope), dense_attention(p, rope=rope))
     sig = next(iter(cpu.models._models))
     compiled = cpu.models.get(sig)
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in {"f32", "<Type: 'float32'>"}
@@ -94,7 +99,7 @@ def test_gather_staging_is_reused_and_per_thread(cpu: CpuDevice) -> None:
 
 
 def test_keys_every_query_sees_go_unmasked(cpu: CpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Per request, keys visible to all its queries skip the mask (their own graph part);
+    """Per inference, keys visible to all its queries skip the mask (their own graph part);
     decode steps need no mask at all, rows that see nothing still get out 0 / lse -inf."""
     monkeypatch.setattr(cpu, "models", type(cpu.models)(capacity=8))
     cases = {  # name -> (segments, q positions, call kwargs, (masked, tail) expected)
@@ -106,11 +111,7 @@ def test_keys_every_query_sees_go_unmasked(cpu: CpuDevice, monkeypatch: pytest.M
     for name, (segs, q_pos, kw, expect) in cases.items():
         p = make_problem([segs], [q_pos], hq=8, hkv=2, d=64, seed=len(name))
         before = set(cpu.models._models)
-        out, lse = _call(cpu, p, **kw)
-        ref_out, ref_lse = dense_attention(p, **kw)
-        assert (out.double() - ref_out).abs().max() < 1e-5, name
-        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), name
-        assert (lse.double() - ref_lse)[torch.isfinite(ref_lse)].abs().max() < 1e-5, name
+        _assert_matches(_call(cpu, p, **kw), dense_attention(p, **kw))
         (sig,) = set(cpu.models._models) - before  # each case compiles its own signature
         assert (sig.masked, sig.tail) == expect, name
 
@@ -137,9 +138,6 @@ def test_causal_blocks_leave_out_keys_no_query_sees(cpu: CpuDevice, monkeypatch:
     monkeypatch.setattr(
         cpu, "_gather", lambda which, rows, slots: gathered.append(len(slots)) or real(which, rows, slots)
     )
-    out, lse = _call(cpu, p)
-    ref_out, ref_lse = dense_attention(p)
-    assert (out.double() - ref_out).abs().max() < 1e-5
-    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    _assert_matches(_call(cpu, p), dense_attention(p))
     # per block: k and v of the keys every query sees, then of the diagonal block's keys
     assert gathered[::2] == [1, 63, 65, 63, 129, 63, 193, 63, 257, 43]
