@@ -120,27 +120,11 @@ class DiskTier:
         return self.root / f"{key}{SUFFIX}"
 
     def write(self, key: str, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Write a chunk atomically; returns the file size."""
-        payload_k, payload_v = _raw(k.cpu()), _raw(v.cpu())
-        h = hashlib.blake2b(digest_size=32)
-        h.update(payload_k)
-        h.update(payload_v)
-        header = json.dumps(
-            {
-                "key": key,
-                "namespace": self.namespace.fingerprint(),
-                "dtype": self.namespace.dtype,
-                "shape": list(k.shape),
-                "payload_bytes": len(payload_k) + len(payload_v),
-                "payload_blake2b": h.hexdigest(),
-            },
-            sort_keys=True,
-        ).encode()
+        """Write a chunk atomically (``encode``'s bytes); returns the file size."""
+        data = encode(key, self.namespace, k, v)
         tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(header)) + header + _digest(header))
-            f.write(payload_k)
-            f.write(payload_v)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path(key))
@@ -149,7 +133,7 @@ class DiskTier:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        return self.path(key).stat().st_size
+        return len(data)
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's (K, V) on the host, or None (a miss) if absent or invalid."""

@@ -23,10 +23,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(HERE), *sys.path])}
 
 
-def _run(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[int, dict[str, dict[str, object]]]:
+def _run(env: dict[str, str], tmp_path: Path, args: str) -> tuple[int, dict[str, dict[str, object]]]:
+    """``kvfuse conformance run ARGS`` (split on spaces): its exit code and cases by device:id."""
     out = tmp_path / "report.json"
     res = subprocess.run(
-        [sys.executable, "-m", "kvfuse", "conformance", "run", "--json", str(out), *args],
+        [sys.executable, "-m", "kvfuse", "conformance", "run", "--json", str(out), *args.split()],
         capture_output=True,
         text=True,
         env=env,
@@ -39,18 +40,7 @@ def _run(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[int, dict[str
 
 def test_wrong_attention_and_moves_fail(env: dict[str, str], tmp_path: Path) -> None:
     code, cases = _run(
-        env,
-        tmp_path,
-        "--profile",
-        "smoke",
-        "--device",
-        "wrong-causal",
-        "--device",
-        "wrong-lse",
-        "--device",
-        "wrong-move",
-        "-k",
-        "fp32",
+        env, tmp_path, "--profile smoke --device wrong-causal --device wrong-lse --device wrong-move -k fp32"
     )
     assert code == 1
     for device in ("wrong-causal", "wrong-lse"):
@@ -72,19 +62,7 @@ def test_wrong_attention_and_moves_fail(env: dict[str, str], tmp_path: Path) -> 
 
 def test_crash_and_hang_are_recorded_and_the_run_goes_on(env: dict[str, str], tmp_path: Path) -> None:
     code, cases = _run(
-        env,
-        tmp_path,
-        "--profile",
-        "smoke",
-        "--device",
-        "wrong-abort",
-        "--device",
-        "wrong-hang",
-        "--isolate",
-        "--timeout",
-        "3",
-        "-k",
-        "/fp16/",
+        env, tmp_path, "--profile smoke --device wrong-abort --device wrong-hang --isolate --timeout 3 -k /fp16/"
     )
     assert code == 1
     crashed = cases["wrong-abort:merge_states/fp16/n2"]
@@ -98,16 +76,7 @@ def test_crash_and_hang_are_recorded_and_the_run_goes_on(env: dict[str, str], tm
 
 def test_capability_declarations_are_probed(env: dict[str, str], tmp_path: Path) -> None:
     code, cases = _run(
-        env,
-        tmp_path,
-        "--profile",
-        "smoke",
-        "--device",
-        "wrong-caps",
-        "--device",
-        "narrow-honest",
-        "-k",
-        "fusion_attention/bf16/hd128/gqa1",
+        env, tmp_path, "--profile smoke --device wrong-caps --device narrow-honest -k fusion_attention/bf16/hd128/gqa1"
     )
     liar = [c for k, c in cases.items() if k.startswith("wrong-caps")]
     honest = [c for k, c in cases.items() if k.startswith("narrow-honest")]
@@ -115,7 +84,5 @@ def test_capability_declarations_are_probed(env: dict[str, str], tmp_path: Path)
     assert honest and all(c["status"] == "not_applicable" for c in honest)
     assert all(c["missing_capability"] == "fusion_attention.dtype=bf16" for c in honest)
     assert code == 1
-    code, _ = _run(
-        env, tmp_path, "--profile", "smoke", "--device", "narrow-honest", "-k", "fusion_attention/bf16/hd128/gqa1"
-    )
+    code, _ = _run(env, tmp_path, "--profile smoke --device narrow-honest -k fusion_attention/bf16/hd128/gqa1")
     assert code == 5  # nothing applicable

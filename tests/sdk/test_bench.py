@@ -6,29 +6,23 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+RAG_SMALL = "--device cpu --context-tokens 256 --chunks 4 --question-tokens 8 --layers 2".split()
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """Run ``python -m kvfuse bench ARGS --json F``; the JSON it wrote and its stdout."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "kvfuse", "bench", *args, "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(out.read_text()), res.stdout
+
 
 def test_bench_ops_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvfuse",
-        "bench",
-        "ops",
-        "--device",
-        "reference",
-        "-k",
-        "moves/bf16",
-        "--repeat",
-        "5",
-        "--json",
-        str(out),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    data = json.loads(out.read_text())
+    data, stdout = _bench(tmp_path, "ops", "--device", "reference", "-k", "moves/bf16", "--repeat", "5")
     assert data["threads"] >= 1
     ops = {r["op"] for r in data["results"]}
     assert ops == {"gather_pages", "scatter_pages", "copy_pages"}
@@ -36,34 +30,11 @@ def test_bench_ops_json(tmp_path: Path) -> None:
         assert r["device"] == "reference" and r["baseline"] == "torch.clone"
         assert abs(r["speedup"] - r["baseline_seconds"] / r["seconds"]) < 1e-9
         assert r["gbps"] > 0 and r["fraction_of_clone"] == r["speedup"]
-    assert "copy_pages" in res.stdout
+    assert "copy_pages" in stdout
 
 
 def test_bench_rag_json(tmp_path: Path) -> None:
-    out = tmp_path / "rag.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvfuse",
-        "bench",
-        "rag",
-        "--device",
-        "cpu",
-        "--context-tokens",
-        "256",
-        "--chunks",
-        "4",
-        "--question-tokens",
-        "8",
-        "--layers",
-        "2",
-        "--split",
-        "cpu,npu",
-        "--json",
-        str(out),
-    ]
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
-    r = json.loads(out.read_text())
+    r, _ = _bench(tmp_path, "rag", *RAG_SMALL, "--split", "cpu,npu")
     for key in (
         "device",
         "context_tokens",
@@ -86,27 +57,5 @@ def test_bench_rag_json(tmp_path: Path) -> None:
 @pytest.mark.netns
 def test_bench_rag_remote_two_processes(tmp_path: Path) -> None:
     pytest.importorskip("mooncake.store")
-    out = tmp_path / "remote.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvfuse",
-        "bench",
-        "rag",
-        "--remote",
-        "--device",
-        "cpu",
-        "--context-tokens",
-        "256",
-        "--chunks",
-        "4",
-        "--question-tokens",
-        "8",
-        "--layers",
-        "2",
-        "--json",
-        str(out),
-    ]
-    subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
-    r = json.loads(out.read_text())
+    r, _ = _bench(tmp_path, "rag", "--remote", *RAG_SMALL)
     assert r["remote_hits"] == 4 and r["remote_bytes"] > 0 and r["max_abs_logit_diff_remote"] < 1e3

@@ -13,21 +13,9 @@ import torch
 pytestmark = pytest.mark.netns  # see the Makefile: run inside a private network namespace
 pytest.importorskip("mooncake.store")
 
-from kvfuse.store import KVPool, LocalMaster, Namespace, RemoteTier, TieredStore
+from kvfuse.store import KVPool, LocalMaster, RemoteTier, TieredStore
 from kvfuse.store._disk import encode
-
-NS = Namespace(model_id="tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
-
-
-def _chunk(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shape = NS.chunk_shape(tokens)
-    return torch.randn(shape, generator=g).to(torch.bfloat16), torch.randn(shape, generator=g).to(torch.bfloat16)
-
-
-def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
-
+from storecases import NS, chunk, same_bits
 
 PUBLISHER = """
 import sys, torch
@@ -72,7 +60,7 @@ def test_round_trip_between_processes_is_bit_exact(master: LocalMaster) -> None:
         store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=RemoteTier(master.config, NS))
         for i in range(3):
             pages = store.fetch(f"chunk{i}")
-            assert pages is not None and _same(store.pool.read(pages, 10), _chunk(i))
+            assert pages is not None and same_bits(store.pool.read(pages, 10), chunk(i))
         assert store.stats.hits["remote"] == 3 and store.stats.misses == 0
         assert store.fetch("never-stored") is None and store.stats.misses == 1
     finally:
@@ -81,22 +69,22 @@ def test_round_trip_between_processes_is_bit_exact(master: LocalMaster) -> None:
 
 def test_master_gone_degrades_to_local_tiers(master: LocalMaster) -> None:
     store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=RemoteTier(master.config, NS))
-    store.put("local", *_chunk(5))
+    store.put("local", *chunk(5))
     master.stop()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert store.fetch("elsewhere") is None  # a miss, not an error
-        store.put("after", *_chunk(6))  # publishing fails quietly
+        store.put("after", *chunk(6))  # publishing fails quietly
     assert store.stats.remote_failures >= 1
     assert any("serving from the local tiers" in str(w.message) for w in caught)
     for key, seed in (("local", 5), ("after", 6)):  # local tiers intact, right KV
         pages = store.fetch(key)
-        assert pages is not None and _same(store.pool.read(pages, 10), _chunk(seed))
+        assert pages is not None and same_bits(store.pool.read(pages, 10), chunk(seed))
 
 
 def test_corrupted_remote_value_is_a_miss(master: LocalMaster) -> None:
     remote = RemoteTier(master.config, NS)
-    data = bytearray(encode("bad", NS, *_chunk(7)))
+    data = bytearray(encode("bad", NS, *chunk(7)))
     data[-3] ^= 0x10  # one flipped payload bit
     buf = torch.frombuffer(data, dtype=torch.uint8)
     assert remote.client.register_buffer(buf.data_ptr(), len(data)) == 0

@@ -11,20 +11,8 @@ from pathlib import Path
 
 import kvfuse
 import pytest
-import torch
-from kvfuse.store import KVPool, Namespace, TieredStore, chunk_key
-
-NS = Namespace(model_id="tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
-
-
-def _chunk(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shape = NS.chunk_shape(tokens)
-    return torch.randn(shape, generator=g).to(torch.bfloat16), torch.randn(shape, generator=g).to(torch.bfloat16)
-
-
-def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+from kvfuse.store import KVPool, TieredStore, chunk_key
+from storecases import NS, chunk, same_bits
 
 
 def test_keys_are_stable_digests_of_layout_and_tokens() -> None:
@@ -49,7 +37,7 @@ def test_keys_are_stable_digests_of_layout_and_tokens() -> None:
 def test_put_fetch_round_trip_through_every_tier(tmp_path: Path) -> None:
     pool = KVPool(NS, num_pages=6)  # room for two 10-token chunks (3 pages each)
     store = TieredStore(NS, pool, host_bytes=2 * 2 * 2 * 10 * 2 * 8 * 2, disk_dir=tmp_path, disk_bytes=1 << 20)
-    chunks = {f"c{i}": _chunk(i) for i in range(6)}
+    chunks = {f"c{i}": chunk(i) for i in range(6)}
     for key, (k, v) in chunks.items():
         store.put(key, k, v)
     # c4, c5 on the device; c2, c3 in host memory (2 chunks fit); c0, c1 demoted to disk
@@ -57,7 +45,7 @@ def test_put_fetch_round_trip_through_every_tier(tmp_path: Path) -> None:
     assert store.stats.demotions["device->host"] == 4 and store.stats.demotions["host->disk"] == 2
     for key in ("c5", "c3", "c0"):
         pages = store.fetch(key)
-        assert pages is not None and _same(pool.read(pages, 10), chunks[key])
+        assert pages is not None and same_bits(pool.read(pages, 10), chunks[key])
     assert store.stats.hits == {"device": 1, "host": 1, "disk": 1, "remote": 0}
     assert store.fetch("nope") is None and store.stats.misses == 1
 
@@ -65,32 +53,32 @@ def test_put_fetch_round_trip_through_every_tier(tmp_path: Path) -> None:
 def test_pinned_chunks_are_never_evicted(tmp_path: Path) -> None:
     pool = KVPool(NS, num_pages=6)
     store = TieredStore(NS, pool, host_bytes=0, disk_dir=tmp_path)
-    store.put("a", *_chunk(1))
-    store.put("b", *_chunk(2))
+    store.put("a", *chunk(1))
+    store.put("b", *chunk(2))
     with store.pin(["a"]):
-        store.put("c", *_chunk(3))  # must evict b, not a
+        store.put("c", *chunk(3))  # must evict b, not a
         assert store.tier("a") == "device" and store.tier("b") == "disk"
         with store.pin(["c"]), pytest.raises(kvfuse.StoreError, match="all pinned"):
-            store.put("d", *_chunk(4))
-    store.put("d", *_chunk(4))  # unpinned again: a can go
+            store.put("d", *chunk(4))
+    store.put("d", *chunk(4))  # unpinned again: a can go
     assert store.tier("a") == "disk"
 
 
 def test_restart_rebuilds_the_index_from_disk(tmp_path: Path) -> None:
     store = TieredStore(NS, KVPool(NS, 3), host_bytes=0, disk_dir=tmp_path)
     for i in range(3):
-        store.put(f"k{i}", *_chunk(i))
+        store.put(f"k{i}", *chunk(i))
     fresh = TieredStore(NS, KVPool(NS, 3), host_bytes=0, disk_dir=tmp_path)
     assert fresh.tier("k0") == "disk" and fresh.tier("k1") == "disk"
     pages = fresh.fetch("k1")
-    assert pages is not None and _same(fresh.pool.read(pages, 10), _chunk(1))
+    assert pages is not None and same_bits(fresh.pool.read(pages, 10), chunk(1))
 
 
 @pytest.mark.parametrize("damage", ["flip-payload", "truncate", "flip-header", "other-namespace"])
 def test_damaged_files_are_misses_and_quarantined(tmp_path: Path, damage: str) -> None:
     store = TieredStore(NS, KVPool(NS, 3), host_bytes=0, disk_dir=tmp_path)
-    store.put("x", *_chunk(7))
-    store.put("y", *_chunk(8))  # x demoted to disk
+    store.put("x", *chunk(7))
+    store.put("y", *chunk(8))  # x demoted to disk
     path = tmp_path / "x.kv"
     data = bytearray(path.read_bytes())
     if damage == "flip-payload":
