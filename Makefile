@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,cpu,npu,nvidia,rag,remote
 STAMP  := $(VENV)/.kvfuse-installed
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml Makefile examples/vendor_plugin/pyproject.toml
 	@# the Mooncake wheel (remote tier) needs libibverbs at import time, even over TCP
@@ -46,6 +46,17 @@ test: $(STAMP)
 	cd examples && ../$(PY) -m pytest -q -p no:cacheprovider --pyargs kvfuse.conformance --kvfuse-device=acme --kvfuse-profile=smoke
 	$(PY) tools/typecheck.py
 	$(PY) -m ruff check sdk ops devices conformance tests examples tools
+
+# The GPU machine has torch, triton, numpy, rich, pluggy, pyyaml but no pydantic and no
+# registry: fetch pydantic's wheels (cp312, manylinux) here, carry .whl/ there.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl "pydantic>=2.6,<3"
+
+# On a machine with an NVIDIA GPU and no network (uses the python3 there, not .venv)
+gpu-check:
+	tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

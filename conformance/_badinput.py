@@ -260,12 +260,15 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def run_bad_input(case: Case, device: str) -> None:
-    """Raise AssertionError-like failures (via ``_Fail``) unless the call behaves."""
+def run_bad_input(case: Case, device: str, tdev: torch.device) -> None:
+    """Raise AssertionError-like failures (via ``_Fail``) unless the call, with its tensors
+    on ``tdev``, behaves."""
     from kvfuse.conformance._execute import _Fail
+    from kvfuse.conformance._inputs import place
 
     build, err, arg = CATALOGUE[case.params["name"]]
     fn, args, kwargs = build()
+    args, kwargs = place((args, kwargs), tdev)
     tensors = _tensors([args, kwargs])
     before = [t.clone() for t in tensors]
     try:

@@ -41,6 +41,11 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("--isolate", action="store_true", help="run cases in a worker process (crash/hang safe)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-case timeout with --isolate")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="suite seed for the case inputs")
+    p.add_argument(
+        "--torch-device",
+        metavar="DEV",
+        help="torch device for the inputs, e.g. cuda:1 (default: each device's own type, current index)",
+    )
     p.set_defaults(func=_run)
     p = csub.add_parser("repro", help="print a standalone Python snippet that re-runs one case")
     p.add_argument("case_id", metavar="ID")
@@ -95,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             waivers=waivers,
             on_result=on_result,
+            torch_device=args.torch_device,
         )
     done()
     for w in waivers:

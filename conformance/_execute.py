@@ -11,7 +11,7 @@ from typing import Any
 import kvfuse
 import torch
 from kvfuse.conformance._cases import TOLERANCES, Case
-from kvfuse.conformance._inputs import DTYPE, AttentionInputs, attention_inputs, page_ids, pool
+from kvfuse.conformance._inputs import DTYPE, AttentionInputs, attention_inputs, page_ids, place, pool, resolve_device
 from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
 from kvfuse.ops._dispatch import ungated
 
@@ -111,13 +111,16 @@ def _gate(device: str, reqs: list[kvfuse.Requirement], probe: Callable[[], objec
     )
 
 
-def _fusion_attention(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
-    x: AttentionInputs = attention_inputs(case.params, seed)
+def _fusion_attention(
+    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
+) -> str | None:
+    host: AttentionInputs = attention_inputs(case.params, seed)
+    (oa, orr), (la, lr) = TOLERANCES[case.tolerance]
+    ref_out, ref_lse = _attention.fusion_attention_reference(*host.args(), **host.kwargs)
+    x = host.to(tdev)
     req, _ = _attention.check_fusion_attention(
         *x.args(), **{"causal": True, "sm_scale": None, "softcap": 0.0, "window_left": -1, "rope": None, **x.kwargs}
     )
-    (oa, orr), (la, lr) = TOLERANCES[case.tolerance]
-    ref_out, ref_lse = _attention.fusion_attention_reference(*x.args(), **x.kwargs)
     invariant = case.params.get("invariant")
     reqs = [req, kvfuse.Requirement(op="merge_states", dtype=req.dtype, head_dim=req.head_dim)]
     missing = _gate(
@@ -144,7 +147,9 @@ def _fusion_attention(case: Case, device: str, seed: int, errs: list[tuple[float
     return None
 
 
-def _merge_states(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
+def _merge_states(
+    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
+) -> str | None:
     g = torch.Generator().manual_seed(seed)
     p, dtype = case.params, DTYPE[case.params["dtype"]]
     states = []
@@ -153,51 +158,63 @@ def _merge_states(case: Case, device: str, seed: int, errs: list[tuple[float, fl
         lse[i % 9] = -math.inf  # a row empty in this state
         lse[8] = -math.inf  # a row empty in every state
         states.append((torch.randn(9, 4, p["head_dim"], generator=g).to(dtype), lse.float()))
+    ref_out, ref_lse = _merge.merge_states_reference(states)
+    states = place(states, tdev)
     missing = _gate(device, [_merge.check_merge_states(states)], lambda: kvfuse.merge_states(states, device=device))
     if missing:
         return missing
     out, lse = kvfuse.merge_states(states, device=device)
-    ref_out, ref_lse = _merge.merge_states_reference(states)
     (oa, orr), (la, lr) = TOLERANCES[case.tolerance]
     _judge("out", out, ref_out, dtype, oa, orr, errs)
     _judge("lse", lse, ref_lse, torch.float32, la, lr, errs)
     return None
 
 
-def _rope_rerotate(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
+def _rope_rerotate(
+    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
+) -> str | None:
     g = torch.Generator().manual_seed(seed)
     p, dtype = case.params, DTYPE[case.params["dtype"]]
     rope = kvfuse.RopeConfig(**p["rope"])
     k = torch.randn(33, 2, p["head_dim"], generator=g).to(dtype)
     old = torch.randint(0, rope.max_position, (33,), generator=g, dtype=torch.int32)
     new = torch.randint(0, rope.max_position, (33,), generator=g, dtype=torch.int32)
+    ref = _rope.rope_rerotate_reference(k, old, new, rope)
+    k, old, new = place((k, old, new), tdev)
     req = _rope.check_rope_rerotate(k, old, new, rope)
     missing = _gate(device, [req], lambda: kvfuse.rope_rerotate(k, old, new, rope, device=device))
     if missing:
         return missing
     out = kvfuse.rope_rerotate(k, old, new, rope, device=device)
     (oa, orr), _ = TOLERANCES[case.tolerance]
-    _judge("k'", out, _rope.rope_rerotate_reference(k, old, new, rope), dtype, oa, orr, errs)
+    _judge("k'", out, ref, dtype, oa, orr, errs)
     return None
 
 
-def _blend_select(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
+def _blend_select(
+    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
+) -> str | None:
     g = torch.Generator().manual_seed(seed)
     p, dtype = case.params, DTYPE[case.params["dtype"]]
     n = p["num_tokens"]
     stored = torch.randn(n, 2, 64, generator=g).to(dtype)
     fresh = (stored.float() + torch.randn(n, 1, 1, generator=g) * torch.randn(n, 2, 64, generator=g)).to(dtype)
     always = torch.arange(n - 5, n) if p["always"] else None
-    req, count = _blend.check_blend_select(stored, fresh, p["ratio"], always)
+    _, count = _blend.check_blend_select(stored, fresh, p["ratio"], always)
+    ref = _blend.blend_select_reference(stored, fresh, count, always)
+    stored, fresh, always = place((stored, fresh, always), tdev)
+    req, _ = _blend.check_blend_select(stored, fresh, p["ratio"], always)
     missing = _gate(device, [req], lambda: kvfuse.blend_select(stored, fresh, p["ratio"], always=always, device=device))
     if missing:
         return missing
     got = kvfuse.blend_select(stored, fresh, p["ratio"], always=always, device=device)
-    _exact("indices", got, _blend.blend_select_reference(stored, fresh, count, always))
+    _exact("indices", got, ref)
     return None
 
 
-def _move_case(case: Case, device: str, seed: int, errs: list[tuple[float, float]]) -> str | None:
+def _move_case(
+    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
+) -> str | None:
     g = torch.Generator().manual_seed(seed)
     p, op = case.params, case.op
     num_pages, page = p["num_pages"], p["page_size"]
@@ -224,8 +241,9 @@ def _move_case(case: Case, device: str, seed: int, errs: list[tuple[float, float
         dev_args = (k_pages, v_pages, src, dk, dv, dst)
         check, ref, outputs = _moves.check_copy_pages, _moves.copy_pages_reference, (3, 4)
     kwargs = {"non_blocking": bool(p.get("non_blocking"))} if op == "copy_pages" else {}
-    req = check(*dev_args, **kwargs)  # type: ignore[operator]
     ref_args = tuple(a.clone() for a in dev_args)
+    dev_args = place(dev_args, tdev)
+    req = check(*dev_args, **kwargs)  # type: ignore[operator]
     public = getattr(kvfuse, op)
     missing = _gate(device, [req], lambda: public(*(a.clone() for a in dev_args), device=device, **kwargs))
     if missing:
@@ -256,20 +274,23 @@ _VALUE = {
 }
 
 
-def execute(case: Case, device: str, suite_seed: int = 0) -> Outcome:
-    """Run ``case`` on ``device`` and judge it. Never raises for a device's misbehaviour:
-    wrong values, wrong errors and vendor exceptions are a ``failed`` outcome."""
+def execute(case: Case, device: str, suite_seed: int = 0, torch_device: str | torch.device | None = None) -> Outcome:
+    """Run ``case`` on ``device`` and judge it. Inputs are made on the host from the case's
+    seed, copied to the device's torch device (``torch_device``, or the device's own type)
+    and the results copied back and compared on the host. Never raises for a device's
+    misbehaviour: wrong values, wrong errors and vendor exceptions are a ``failed`` outcome."""
     from kvfuse.conformance._badinput import run_bad_input
 
     start = time.perf_counter()
     errs: list[tuple[float, float]] = []
     atol, rtol = TOLERANCES[case.tolerance][0]
     try:
+        tdev = resolve_device(device, torch_device)
         if case.kind == "bad_input":
-            run_bad_input(case, device)
+            run_bad_input(case, device, tdev)
             missing = None
         else:
-            missing = _VALUE[case.op](case, device, case.seed(suite_seed), errs)
+            missing = _VALUE[case.op](case, device, tdev, case.seed(suite_seed), errs)
         status, message = ("not_applicable", f"missing capability {missing}") if missing else ("passed", "")
     except _Fail as exc:
         status, message, missing = "failed", str(exc), None

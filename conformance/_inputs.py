@@ -21,6 +21,7 @@ class AttentionInputs:
     v_pages: torch.Tensor
     requests: list[list[tuple[list[int], int, int]]]  # per request: (pages, length, pos)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def table(self, order: str = "as-is", keep: set[int] | None = None) -> kvfuse.SegmentTable:
         """The segment table, optionally reversed or restricted to segment indices ``keep``."""
@@ -28,10 +29,17 @@ class AttentionInputs:
         for req in self.requests:
             segs = [s for i, s in enumerate(req) if keep is None or i in keep]
             reqs.append(segs[::-1] if order == "reversed" else segs)
-        return kvfuse.SegmentTable.from_lists(reqs)
+        return kvfuse.SegmentTable.from_lists(reqs, device=self.device)
 
     def args(self, segments: kvfuse.SegmentTable | None = None) -> tuple[Any, ...]:
         return (self.q, self.q_indptr, self.q_pos, self.k_pages, self.v_pages, segments or self.table())
+
+    def to(self, device: torch.device) -> AttentionInputs:
+        """The same inputs on ``device`` (the segment table is built there by ``table``)."""
+        q, qi, qp, kp, vp = place((self.q, self.q_indptr, self.q_pos, self.k_pages, self.v_pages), device)
+        moved = AttentionInputs(q, qi, qp, kp, vp, self.requests, self.kwargs)
+        moved.device = device
+        return moved
 
 
 def attention_inputs(p: dict[str, Any], seed: int) -> AttentionInputs:
@@ -70,6 +78,48 @@ def attention_inputs(p: dict[str, Any], seed: int) -> AttentionInputs:
     return AttentionInputs(
         q, torch.tensor(indptr, dtype=i32), torch.tensor(flat, dtype=i32), k_pages, v_pages, requests, kwargs
     )
+
+
+def resolve_device(device: str, torch_device: str | torch.device | None = None) -> torch.device:
+    """The torch device a kvfuse device's conformance inputs live on: ``torch_device`` if
+    given (it must be of the device's type), else the device's ``torch_device_type`` with
+    torch's current index for it."""
+    kind = kvfuse.registry().get(device, require_available=False).torch_device_type
+    if torch_device is not None:
+        tdev = torch.device(torch_device)
+        if tdev.type != kind:
+            raise kvfuse.DeviceMismatchError("torch_device", f"a {kind!r} torch device for {device!r}", str(tdev))
+        return tdev
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
+def place(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> Any:
+    """``obj`` (tensors, segment tables, and lists, tuples and dicts of them) with every
+    tensor copied to ``device``, keeping strides. A tensor that occurs twice is copied once,
+    so calls that pass one pool twice still do after the move."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj if obj.device == device else _copy_strided(obj, device)
+        return memo[id(obj)]
+    if isinstance(obj, kvfuse.SegmentTable):
+        fields = ("seg_indptr", "page_indptr", "page_indices", "seg_len", "seg_pos")
+        return kvfuse.SegmentTable(**{f: place(getattr(obj, f), device, memo) for f in fields})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(place(x, device, memo) for x in obj)
+    if isinstance(obj, dict):
+        return {k: place(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _copy_strided(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with the same sizes and strides (views stay views of a
+    buffer of the same layout, so non-contiguous inputs stay non-contiguous)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+    out.copy_(t)
+    return out
 
 
 def pool(p: dict[str, Any], g: torch.Generator, num_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

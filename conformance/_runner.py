@@ -89,14 +89,15 @@ class Result:
 class _Worker:
     """One spawned worker process for one device; restarted after a crash or timeout."""
 
-    def __init__(self, device: str, seed: int) -> None:
-        self.device, self.seed = device, seed
+    def __init__(self, device: str, seed: int, torch_device: str | None = None) -> None:
+        self.device, self.seed, self.torch_device = device, seed, torch_device
         self.proc: subprocess.Popen[str] | None = None
 
     def _start(self) -> None:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvfuse.conformance._worker", self.device, str(self.seed)],
+            [sys.executable, "-m", "kvfuse.conformance._worker", self.device, str(self.seed)]
+            + ([self.torch_device] if self.torch_device else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -273,16 +274,18 @@ def run_suite(
     timeout: float = 120.0,
     waivers: list[Waiver] | None = None,
     on_result: Callable[[Result], None] | None = None,
+    torch_device: str | None = None,
 ) -> Report:
     """Run every case on every device. Crashes and hangs are recorded (with ``isolate``),
-    never fatal; waived cases are reported as waived with their real outcome in the message."""
+    never fatal; waived cases are reported as waived with their real outcome in the message.
+    Inputs live on each device's own torch device, or on ``torch_device`` (e.g. ``cuda:1``)."""
     report = Report(profile, seed, devices)
     case_list = list(cases)
     for device in devices:
-        worker = _Worker(device, seed) if isolate else None
+        worker = _Worker(device, seed, torch_device) if isolate else None
         try:
             for case in case_list:
-                outcome = worker.run(case, timeout) if worker else execute(case, device, seed)
+                outcome = worker.run(case, timeout) if worker else execute(case, device, seed, torch_device)
                 for w in waivers or ():
                     if w.matches(device, case.id):
                         w.used += 1

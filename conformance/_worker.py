@@ -1,4 +1,4 @@
-"""Isolated worker: ``python -m kvfuse.conformance._worker DEVICE SEED`` reads case ids from
+"""Isolated worker: ``python -m kvfuse.conformance._worker DEVICE SEED [TORCH_DEVICE]`` reads case ids from
 stdin, one per line, and writes one result line per case to stdout (JSON after a marker,
 so anything a device prints cannot be mistaken for a result). No pickle is involved."""
 
@@ -16,6 +16,7 @@ def main() -> int:
     from kvfuse.conformance._execute import execute
 
     device, seed = sys.argv[1], int(sys.argv[2])
+    torch_device = sys.argv[3] if len(sys.argv) > 3 else None
     out = sys.stdout
     sys.stdout = sys.stderr  # device chatter goes to stderr
     kvfuse.registry().get(device, require_available=False)  # load plugins before the first case's clock
@@ -25,7 +26,7 @@ def main() -> int:
         case_id = line.strip()
         if not case_id:
             continue
-        outcome = execute(get_case(case_id), device, seed)
+        outcome = execute(get_case(case_id), device, seed, torch_device)
         out.write(MARKER + json.dumps({"id": case_id, **outcome.to_dict()}) + "\n")
         out.flush()
     return 0

@@ -23,6 +23,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--kvfuse-profile", default="standard", choices=PROFILES, help="conformance profile")
     group.addoption("--kvfuse-seed", type=int, default=0, help="suite seed for the case inputs")
+    group.addoption(
+        "--kvfuse-torch-device",
+        default=None,
+        metavar="DEV",
+        help="torch device for the inputs, e.g. cuda:1 (default: each device's own type)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -42,3 +48,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def kvfuse_seed(request: pytest.FixtureRequest) -> int:
     seed: int = request.config.getoption("--kvfuse-seed")
     return seed
+
+
+@pytest.fixture
+def kvfuse_torch_device(request: pytest.FixtureRequest) -> str | None:
+    value: str | None = request.config.getoption("--kvfuse-torch-device")
+    return value

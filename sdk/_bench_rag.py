@@ -30,6 +30,10 @@ def workload(
 
     config = LlamaConfig(num_layers=layers, max_position=max(16384, context_tokens + question_tokens + 1))
     model = LlamaModel.random(config, seed=seed, device=device)
+    if device is not None:  # weights where the device's tensors live (e.g. cuda for nvidia)
+        import kvfuse
+
+        model.to(torch.device(kvfuse.registry().get(device).torch_device_type))
     g = torch.Generator().manual_seed(seed)
     chunk_len = context_tokens // chunks
     docs = [torch.randint(0, config.vocab_size, (chunk_len,), generator=g).tolist() for _ in range(chunks)]
@@ -42,7 +46,7 @@ def make_store(model: Any, context_tokens: int, chunks: int, question_tokens: in
 
     ns = store_namespace(model)
     pages = 3 * (context_tokens // 16 + 2 * chunks) + 4 * (question_tokens // 16 + 2) + 64
-    return TieredStore(ns, KVPool(ns, pages), remote=remote)
+    return TieredStore(ns, KVPool(ns, pages, device=model.torch_device), remote=remote)
 
 
 def run_rag(

@@ -116,3 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # silence the flush at exit
         return EXIT_OK
     return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

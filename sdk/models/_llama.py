@@ -140,6 +140,16 @@ class LlamaModel:
             }
         return cls(config, w, device=device)
 
+    @property
+    def torch_device(self) -> torch.device:
+        """Where the weights live."""
+        return self.w["embed_tokens.weight"].device
+
+    def to(self, device: torch.device | str) -> LlamaModel:
+        """Move the weights to torch ``device`` (in place; returns self)."""
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        return self
+
     # -- pieces of a layer -----------------------------------------------------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
