@@ -50,6 +50,17 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "seg3-gapped": {"requests": [{"stored": [[20, 300], [17, 0], [9, 100]], "live": [7, 400]}]},
     "seg4-out-of-order": {"requests": [{"stored": [[16, 64], [0, 0], [33, 0], [5, 200]], "live": [3, 205]}]},
     "batch2": {"requests": [{"stored": [[17, 10]], "live": [4, 27]}, {"stored": [[1, 0], [30, 1]], "live": [6, 40]}]},
+    # RAG at 8k positions: stored chunks far apart, a prefill of live tokens near the end
+    "rag8k": {"requests": [{"stored": [[200, 5000], [96, 0], [64, 2600]], "live": [40, 8100]}]},
+    # a decode step over the same chunks
+    "rag8k-decode": {"requests": [{"stored": [[200, 5000], [96, 0], [64, 2600]], "live": [1, 8150]}]},
+}
+
+# Real models' attention geometry and RoPE: (num_kv_heads, group, head_dim, theta)
+REAL_MODELS = {
+    "smollm2-135m": (3, 3, 64, 100000.0),
+    "qwen2.5-0.5b": (2, 7, 64, 1000000.0),
+    "llama3-8b": (8, 4, 128, 500000.0),
 }
 
 
@@ -115,6 +126,25 @@ def _fusion_attention_cases() -> Iterator[Case]:
         for tag, opts in FEATURES.items():
             smoke = ("smoke",) if dtype == "bf16" or tag in {"rope-neox", "masked-rows"} else ()
             yield _attn(dtype, 128, 4, 16, "seg3-gapped", tag=tag, profiles=(*smoke, "standard", "full"), **opts)
+    # real models' geometry with RoPE at 8k positions and logits of real size (sm_scale 1:
+    # |s| up to ~40): rotated q/k rounded to 16 bits before a tensor-core dot fail these
+    for (name, (hkv, group, d, theta)), dtype, layout in itertools.product(
+        REAL_MODELS.items(), ("fp16", "bf16"), ("rag8k", "rag8k-decode")
+    ):
+        rope = {**ROPE, "theta": theta, "max_position": 8192}
+        smoke = ("smoke",) if name == "smollm2-135m" and dtype == "bf16" else ()
+        yield _attn(
+            dtype,
+            d,
+            group,
+            16,
+            layout,
+            hkv=hkv,
+            tag=f"{name}-rope-logits",
+            profiles=(*smoke, "standard", "full"),
+            rope=rope,
+            sm_scale=1.0,
+        )
     # stored × live lengths
     for stored, live in itertools.product((0, 1, 17, 2048), (0, 1, 129)):
         if stored == 2048 and live == 129:

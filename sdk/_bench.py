@@ -110,7 +110,8 @@ def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchRes
         bias = None if new == 1 else causal_lower_right(new, total)
 
         def base() -> object:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            # flash where it applies (fp16/bf16); memory-efficient for fp32
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
                 return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias)
     else:
         mask = None if new == 1 else (flat.k_pos[None, :] <= q_pos[:, None].long())

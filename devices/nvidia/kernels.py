@@ -111,8 +111,11 @@ def _fusion_attention_kernel(
             q_ptrs + _partner(offs_d, ROPE, ROTARY_DIM)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
         ).to(tl.float32)
         q = _rope_tile(q, q_partner, q_pos, offs_d, cos_ptr, sin_ptr, stride_cos, 1.0, ROPE, ROTARY_DIM, mask_m)
+    q_lo = q  # the 16-bit rounding of what q's 16-bit high part leaves out (used with RoPE)
     if not UPCAST:
-        q = q.to(Q.dtype.element_ty)
+        q_hi = q.to(Q.dtype.element_ty)
+        q_lo = (q - q_hi.to(tl.float32)).to(Q.dtype.element_ty)
+        q = q_hi
     # -- online softmax over the request's KV tokens, gathered through their slots
     kv_start = tl.load(kv_indptr_ptr + req)
     kv_end = tl.load(kv_indptr_ptr + req + 1)
@@ -136,12 +139,19 @@ def _fusion_attention_kernel(
         if UPCAST:
             v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k))
+        elif K.dtype.element_ty == tl.float32:
+            s = tl.dot(q, tl.trans(k.to(K.dtype.element_ty)), input_precision="ieee")
+        elif ROPE != 0:
+            # rotated q and k are fp32: split each into a 16-bit high part and the 16-bit
+            # rounding of the rest, and keep the three products that matter (the "3x"
+            # trick): rounding rotated q/k to 16 bits alone misses the contract's lse bound
+            k_hi = k.to(K.dtype.element_ty)
+            k_lo = (k - k_hi.to(tl.float32)).to(K.dtype.element_ty)
+            s = tl.dot(q, tl.trans(k_hi))
+            s += tl.dot(q, tl.trans(k_lo))
+            s += tl.dot(q_lo, tl.trans(k_hi))
         else:
-            k = k.to(K.dtype.element_ty)
-            if K.dtype.element_ty == tl.float32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k.to(K.dtype.element_ty)))
         s = s * sm_scale
         if SOFTCAP:
             # tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both tails
