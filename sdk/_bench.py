@@ -2,7 +2,8 @@
 
 fusion_attention is compared with ``torch.nn.functional.scaled_dot_product_attention`` on
 equivalent contiguous tensors (on CPU: GQA via ``enable_gqa`` and a positional causal
-mask; on CUDA: the flash backend with repeated heads and a bottom-right causal bias);
+mask; on CUDA: the flash backend (memory-efficient for fp32) with repeated heads and a
+bottom-right causal bias);
 page moves with ``torch.clone`` of the same bytes, on the device's torch device. Times are medians of
 ``--repeat`` runs after a warm-up, device and baseline interleaved.
 """

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# KVFUSE_NVIDIA_AUTOTUNE=0: one fixed config (ATTENTION_FIXED) instead of the search, so
+# each new kernel specialisation compiles once, not once per config (conformance runs)
+AUTOTUNE = os.environ.get("KVFUSE_NVIDIA_AUTOTUNE", "1") != "0"
 
 ATTENTION_BLOCK_M = {64: 64, 128: 64, 256: 32}  # head_dim_pad -> query rows per tile
 ATTENTION_AUTOTUNE = [
@@ -19,6 +22,7 @@ ATTENTION_AUTOTUNE = [
     {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 ]
+ATTENTION_FIXED = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 INTERPRETER_ATTENTION = {"BLOCK_M": 16, "BLOCK_N": 32}
 MOVE_BLOCK = 1024  # elements per program of the page / row copy kernels
 

@@ -135,7 +135,11 @@ class NvidiaDevice(Device):
         else:
             cos = sin = torch.zeros(1, 1, device=q.device)
         grid = (len(tile_req), hq)
-        extra: dict[str, Any] = dict(configs.INTERPRETER_ATTENTION) if configs.INTERPRET else {"BLOCK_M": block_m}
+        extra: dict[str, Any] = {"BLOCK_M": block_m}
+        if configs.INTERPRET:
+            extra = dict(configs.INTERPRETER_ATTENTION)
+        elif not configs.AUTOTUNE:
+            extra |= configs.ATTENTION_FIXED
         kernels.attention_kernel()[grid](
             q,
             k_pages,

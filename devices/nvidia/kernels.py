@@ -279,8 +279,9 @@ def _move_pages_kernel(Src, Dst, src_ids_ptr, dst_ids_ptr, PAGE: tl.constexpr, B
 
 
 def attention_kernel():  # type: ignore[no-untyped-def]
-    """The attention kernel, autotuned over ``configs.ATTENTION_AUTOTUNE`` on a GPU."""
-    if configs.INTERPRET:
+    """The attention kernel, autotuned over ``configs.ATTENTION_AUTOTUNE`` on a GPU (unless
+    ``configs.AUTOTUNE`` is off: then the caller passes ``configs.ATTENTION_FIXED``)."""
+    if configs.INTERPRET or not configs.AUTOTUNE:
         return _fusion_attention_kernel
     return _autotuned
 
