@@ -3,7 +3,6 @@ from __future__ import annotations
 import collections
 
 import pytest
-import torch
 from kvfuse._device import OP_NAMES
 from kvfuse.conformance import PROFILES, TOLERANCES, all_cases, cases, get_case
 from kvfuse.conformance._inputs import attention_inputs
