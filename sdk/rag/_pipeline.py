@@ -89,7 +89,7 @@ class RagPipeline:
             )
             logits = self.model.logits(x[-1:])[0]
         finally:
-            self.pool.release(pages)
+            self.store.release(pages)
         return Answer(logits, time.perf_counter() - start)
 
     # -- (b) full reuse ---------------------------------------------------------------------------
@@ -146,8 +146,10 @@ class RagPipeline:
             n_ctx = sum(p.lengths)
             total = n_ctx + len(question)
             # scratch pages mirroring each chunk's, plus the question's (the plan's live pages)
-            scratch = [self.store.allocate(n) for n in p.lengths]
+            scratch: list[list[int]] = []
             try:
+                for n in p.lengths:
+                    scratch.append(self.store.allocate(n))
                 segs = [(s, n, pos) for s, n, pos in zip(scratch, p.lengths, p.positions)]
                 segs.append((p.live_pages, p.live_len, p.live_pos))
                 table = SegmentTable.from_lists([segs], device=pool.device)
@@ -179,8 +181,7 @@ class RagPipeline:
                     x = m.finish(layer, x, m.attend(layer, q, positions[sel], pool, table))
                 logits = m.logits(x[-1:])[0]
             finally:
-                for s in scratch:
-                    pool.release(s)
+                self.store.release([x for s in scratch for x in s])
             return Answer(logits, time.perf_counter() - start, len(p.hits), len(p.misses), int(chosen.numel()))
 
     def keys(self, chunks: Sequence[Sequence[int]]) -> list[str]:

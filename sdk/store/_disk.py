@@ -2,31 +2,68 @@
 
 File layout (little-endian)::
 
-    b"KVFUSE\\x00\\x01" | u64 header length | header (JSON) | 32-byte blake2b of header |
+    b"KVFUSE\\x00\\x01" | u64 header length | header (JSON) | 32-byte digest of header |
     payload (K bytes, then V bytes)
 
-The header holds the key, the namespace fingerprint, dtype, shape and the payload's
-blake2b. Files are written to a temporary name, fsync'ed and renamed, so only complete
-entries are ever visible. Nothing is unpickled. A file that fails any check is a miss and
-is moved to ``quarantine/``.
+The header holds the key, the namespace fingerprint, dtype, shape, the payload's size and
+blake2b, and ``auth``. The digest is the header's blake2b, keyed in the authenticated
+mode (``auth = "blake2b-keyed"``; see ``_auth``). Nothing is unpickled.
+
+Reading trusts nothing: the file must be a regular file (opened without following links
+and without blocking, so a FIFO or device never stalls a read), the header is at most
+64 KiB, its digest must match, its fields must pass a strict schema and agree with each
+other and with the namespace, and the file's size must be exactly what the header
+declares before a payload byte is read. A file that fails any check is a miss and is
+moved to ``quarantine/``. Files are written to a temporary name, fsync'ed and renamed, so
+only complete entries are ever visible; temporary files of writers that died are removed
+when a store opens the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import json
+import io
 import os
+import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Literal
 
 import torch
+from kvfuse._errors import StoreError
+from kvfuse.store._auth import header_digest
 from kvfuse.store._keys import DTYPES, Namespace
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"KVFUSE\x00\x01"
 SUFFIX = ".kv"
+MAX_HEADER = 64 << 10
+PREFIX = len(MAGIC) + 8  # magic and header length
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_TMP = re.compile(r"\.(?P<key>.+)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp")
+
+
+class ChunkRejected(ValueError):
+    """An encoded chunk failed a check (why is the message); callers treat it as a miss."""
+
+
+class ChunkHeader(BaseModel):
+    """The header's schema: exact types, no missing or extra fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    key: str = Field(max_length=256)
+    namespace: str = Field(pattern=r"^[0-9a-f]{32}$")
+    dtype: Literal["fp32", "fp16", "bf16"]
+    shape: tuple[int, int, int, int]
+    payload_bytes: int = Field(ge=0)
+    payload_blake2b: str = Field(pattern=r"^[0-9a-f]{64}$")
+    auth: Literal["none", "blake2b-keyed"] = "none"
 
 
 @dataclass(frozen=True)
@@ -38,143 +75,246 @@ class DiskEntry:
     mtime: float
 
 
-def _digest(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
+def check_key(key: str) -> str:
+    """A key usable as a file name (letters, digits, '_' and '-'; at most 128)."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise StoreError(f"chunk key must be 1-128 letters, digits, '_' or '-' (starting with neither), got {key!r}")
+    return key
 
 
 def _raw(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def encode(key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor) -> bytes:
-    """One chunk in kvfuse's format (the disk file's bytes, also the remote tier's value)."""
+def encode(key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor, mac_key: bytes | None = None) -> bytes:
+    """One chunk in kvfuse's format (the disk file's bytes, also the remote tier's value).
+
+    k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the namespace's dtype
+    """
     payload_k, payload_v = _raw(k.cpu()), _raw(v.cpu())
     h = hashlib.blake2b(digest_size=32)
     h.update(payload_k)
     h.update(payload_v)
-    header = json.dumps(
-        {
-            "key": key,
-            "namespace": namespace.fingerprint(),
-            "dtype": namespace.dtype,
-            "shape": list(k.shape),
-            "payload_bytes": len(payload_k) + len(payload_v),
-            "payload_blake2b": h.hexdigest(),
-        },
-        sort_keys=True,
-    ).encode()
-    return MAGIC + struct.pack("<Q", len(header)) + header + _digest(header) + payload_k + payload_v
+    header = ChunkHeader(
+        key=key,
+        namespace=namespace.fingerprint(),
+        dtype=namespace.dtype,  # type: ignore[arg-type]
+        shape=tuple(int(x) for x in k.shape),  # type: ignore[arg-type]
+        payload_bytes=len(payload_k) + len(payload_v),
+        payload_blake2b=h.hexdigest(),
+        auth="none" if mac_key is None else "blake2b-keyed",
+    )
+    text = header.model_dump_json().encode()
+    return MAGIC + struct.pack("<Q", len(text)) + text + header_digest(text, mac_key) + payload_k + payload_v
 
 
-def decode(data: bytes | memoryview, key: str, namespace: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (K, V) of an encoded chunk; raises ValueError on any checksum or layout mismatch."""
-    import io
-
-    f = io.BytesIO(data)
-    meta = read_header(f, key, namespace)
-    raw_shape = meta["shape"]
-    if not isinstance(raw_shape, list):
-        raise ValueError("bad shape")
-    shape = [int(x) for x in raw_shape]
-    dtype = DTYPES[str(meta["dtype"])]
-    if tuple(shape) != namespace.chunk_shape(shape[1]) or dtype != namespace.torch_dtype:
-        raise ValueError("layout mismatch")
-    payload = f.read()
-    if len(payload) != meta["payload_bytes"]:
-        raise ValueError("truncated payload")
-    if hashlib.blake2b(payload, digest_size=32).hexdigest() != meta["payload_blake2b"]:
-        raise ValueError("payload checksum mismatch")
-    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    half = len(payload) // 2
-    return buf[:half].view(dtype).reshape(shape), buf[half:].view(dtype).reshape(shape)
-
-
-def read_header(f: Any, key: str, namespace: Namespace) -> dict[str, object]:
-    """The verified header at the start of ``f``; raises ValueError on any mismatch."""
-    if f.read(len(MAGIC)) != MAGIC:
-        raise ValueError("bad magic")
+def read_header(f: IO[bytes], size: int, key: str, namespace: Namespace, mac_key: bytes | None) -> ChunkHeader:
+    """The verified header at the start of ``f`` (``size`` bytes in all); raises
+    :class:`ChunkRejected` on any mismatch. Reads at most the header's bytes."""
+    if size < PREFIX + 32 or f.read(len(MAGIC)) != MAGIC:
+        raise ChunkRejected("bad magic")
     (length,) = struct.unpack("<Q", f.read(8))
-    if length > 1 << 20:
-        raise ValueError("header too long")
-    header = f.read(length)
-    if len(header) != length or f.read(32) != _digest(header):
-        raise ValueError("header checksum mismatch")
-    meta: dict[str, object] = json.loads(header)
-    if meta.get("namespace") != namespace.fingerprint():
-        raise ValueError("namespace mismatch")
-    if meta.get("key") != key:
-        raise ValueError("key mismatch")
+    if length > min(MAX_HEADER, size - PREFIX - 32):
+        raise ChunkRejected(f"header length {length} impossible for a {size}-byte entry")
+    text = f.read(length)
+    if len(text) != length or f.read(32) != header_digest(text, mac_key):
+        raise ChunkRejected("header digest mismatch" if mac_key is None else "header MAC invalid (or corrupt)")
+    try:
+        meta = ChunkHeader.model_validate_json(text)
+    except ValidationError as exc:
+        raise ChunkRejected(f"header fields invalid: {exc.error_count()} errors") from None
+    if meta.auth != ("none" if mac_key is None else "blake2b-keyed"):
+        raise ChunkRejected(f"entry auth {meta.auth!r} does not match the store's mode")
+    if meta.namespace != namespace.fingerprint():
+        raise ChunkRejected("namespace mismatch")
+    if meta.key != key:
+        raise ChunkRejected("key mismatch")
+    num_tokens = meta.shape[1]
+    if num_tokens < 0 or meta.shape != namespace.chunk_shape(num_tokens) or meta.dtype != namespace.dtype:
+        raise ChunkRejected(f"layout {meta.shape} {meta.dtype} is not this namespace's")
+    want = 2 * num_tokens * namespace.num_layers * namespace.num_kv_heads * namespace.head_dim
+    if meta.payload_bytes != want * namespace.torch_dtype.itemsize:
+        raise ChunkRejected(f"payload_bytes {meta.payload_bytes} does not match shape {meta.shape}")
+    if size != PREFIX + length + 32 + meta.payload_bytes:
+        raise ChunkRejected(f"entry is {size} bytes, its header declares {PREFIX + length + 32 + meta.payload_bytes}")
     return meta
 
 
+def _payload(f: IO[bytes], meta: ChunkHeader, namespace: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = bytearray(meta.payload_bytes)
+    view, got = memoryview(buf), 0
+    while got < len(buf):  # one read() may return less than asked (e.g. past 2 GiB)
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            raise ChunkRejected("truncated payload")
+        got += n
+    if hashlib.blake2b(buf, digest_size=32).hexdigest() != meta.payload_blake2b:
+        raise ChunkRejected("payload checksum mismatch")
+    dtype = DTYPES[meta.dtype]
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    half = len(buf) // 2
+    return t[:half].view(dtype).reshape(meta.shape), t[half:].view(dtype).reshape(meta.shape)
+
+
+def decode(
+    data: bytes | memoryview, key: str, namespace: Namespace, mac_key: bytes | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, V) of an encoded chunk; raises :class:`ChunkRejected` on any mismatch."""
+    f = io.BytesIO(data)
+    return _payload(f, read_header(f, len(data), key, namespace, mac_key), namespace)
+
+
 class DiskTier:
-    def __init__(self, root: str | os.PathLike[str], namespace: Namespace) -> None:
+    """One directory of chunk files. ``rejected`` counts entries that failed a check
+    (quarantined), ``errors`` OS errors while reading."""
+
+    def __init__(self, root: str | os.PathLike[str], namespace: Namespace, *, mac_key: bytes | None = None) -> None:
         self.root = Path(root)
         self.namespace = namespace
+        self.mac_key = mac_key
         self.quarantine = self.root / "quarantine"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.quarantine.mkdir(exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.quarantine.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"disk tier: cannot create {self.root}: {exc.strerror or exc}") from exc
         self.quarantined = 0
+        self.rejected = 0
+        self.errors = 0
+        self._remove_stale_temporaries()
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}{SUFFIX}"
+        return self.root / f"{check_key(key)}{SUFFIX}"
+
+    def exists(self, key: str) -> bool:
+        return _KEY.fullmatch(key) is not None and os.path.lexists(self.path(key))
 
     def write(self, key: str, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Write a chunk atomically (``encode``'s bytes); returns the file size."""
-        data = encode(key, self.namespace, k, v)
+        """Write a chunk atomically (``encode``'s bytes); returns the file size. An OS error
+        (disk full, read-only, gone) raises :class:`StoreError` and leaves no file behind."""
+        path = self.path(key)
+        data = encode(key, self.namespace, k, v, self.mac_key)
         tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(key))
-        dir_fd = os.open(self.root, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                self._quarantine(path)  # a directory, FIFO or link squatting on the name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"disk tier: writing chunk {key} to {self.root} failed: {exc.strerror or exc}") from exc
         return len(data)
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk's (K, V) on the host, or None (a miss) if absent or invalid."""
+        """The chunk's (K, V) on the host, or None (a miss) if absent, unreadable or invalid."""
         path = self.path(key)
         try:
-            data = path.read_bytes()
+            with self._open(path) as (f, size, _):
+                return _payload(f, read_header(f, size, key, self.namespace, self.mac_key), self.namespace)
         except FileNotFoundError:
             return None
-        try:
-            return decode(data, key, self.namespace)
-        except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError):
+        except ChunkRejected:
+            self.rejected += 1
             self._quarantine(path)
             return None
+        except OSError:
+            self.errors += 1
+            return None
+
+    def _open(self, path: Path) -> _Opened:
+        """Open a regular file without following links or blocking; ChunkRejected otherwise."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ChunkRejected("a symbolic link") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ChunkRejected("not a regular file")
+        return _Opened(os.fdopen(fd, "rb", buffering=0), st.st_size, st.st_mtime)
 
     def _quarantine(self, path: Path) -> None:
         try:
             os.replace(path, self.quarantine / f"{path.name}.{uuid.uuid4().hex[:8]}")
             self.quarantined += 1
-        except FileNotFoundError:
-            pass  # another process got there first
+        except OSError:
+            pass  # gone already (another process), or the directory is read-only: stays a miss
 
     def delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.path(key).unlink()
-        except FileNotFoundError:
-            pass
 
     def scan(self) -> list[DiskEntry]:
-        """Every valid entry on disk, oldest first (headers only; bad files quarantined)."""
+        """Every valid entry on disk, oldest first (headers only; bad entries quarantined)."""
         entries = []
-        for path in self.root.glob(f"*{SUFFIX}"):
-            try:
-                with open(path, "rb") as f:
-                    meta = read_header(f, path.name.removesuffix(SUFFIX), self.namespace)
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            except (ValueError, struct.error, json.JSONDecodeError):
+        try:
+            names = sorted(p for p in self.root.glob(f"*{SUFFIX}"))
+        except OSError:
+            return []
+        for path in names:
+            key = path.name.removesuffix(SUFFIX)
+            if not _KEY.fullmatch(key):
+                self.rejected += 1
                 self._quarantine(path)
                 continue
-            shape = meta["shape"]
-            assert isinstance(shape, list)
-            entries.append(DiskEntry(str(meta["key"]), path, stat.st_size, int(shape[1]), stat.st_mtime))
+            try:
+                with self._open(path) as (f, size, mtime):
+                    meta = read_header(f, size, key, self.namespace, self.mac_key)
+            except FileNotFoundError:
+                continue
+            except ChunkRejected:
+                self.rejected += 1
+                self._quarantine(path)
+                continue
+            except OSError:
+                self.errors += 1
+                continue
+            entries.append(DiskEntry(key, path, size, meta.shape[1], mtime))
         return sorted(entries, key=lambda e: e.mtime)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files whose writer process is gone (killed mid-write)."""
+        for tmp in self.root.glob(".*.tmp"):
+            m = _TMP.fullmatch(tmp.name)
+            if m is None:
+                continue
+            pid = int(m["pid"])
+            if pid == os.getpid() or _alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Opened:
+    """``with tier._open(path) as (f, size, mtime)``."""
+
+    def __init__(self, f: IO[bytes], size: int, mtime: float) -> None:
+        self.f, self.size, self.mtime = f, size, mtime
+
+    def __enter__(self) -> tuple[IO[bytes], int, float]:
+        return self.f, self.size, self.mtime
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()

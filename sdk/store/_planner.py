@@ -7,16 +7,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from kvfuse._errors import StoreError
 from kvfuse.ops import SegmentTable
 from kvfuse.store._keys import chunk_key
 from kvfuse.store._store import TieredStore
 
 
-@dataclass
+@dataclass(eq=False)
 class Plan:
     """One request. Chunk i sits at ``positions[i]`` on ``pages[i]``; the live tokens follow
-    the last chunk. Chunks in ``misses`` have pages allocated but not yet filled: compute
-    their KV into those pages, then :meth:`commit`. :meth:`close` unpins and frees."""
+    the last chunk.
+
+    ``hits`` and ``misses`` list the first occurrence of each distinct chunk; a chunk that
+    occurs again shares the pages of its first occurrence. A miss's pages are lent to this
+    request: compute its KV into them, then :meth:`commit`, which may replace ``pages[i]``
+    by the stored copy's pages (another request committed the chunk first), so read
+    ``pages`` and :meth:`segments` after committing. :meth:`close` (or :meth:`abort`)
+    gives back every page still lent and every pin this request holds, once.
+    """
 
     store: TieredStore
     keys: list[str]
@@ -27,11 +35,17 @@ class Plan:
     misses: list[int]
     live_len: int
     live_pages: list[int]
+    committed: set[int] = field(default_factory=set)
+    _held: list[str] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
     def live_pos(self) -> int:
         return self.positions[-1] + self.lengths[-1] if self.keys else 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def segments(self, *, stored: bool = True, live: bool = True) -> SegmentTable:
         """A one-request table: the chunks (if ``stored``), then the live tokens (if ``live``)."""
@@ -43,28 +57,47 @@ class Plan:
         return SegmentTable.from_lists([segs], device=self.store.pool.device)
 
     def live_slots(self) -> torch.Tensor:
+        """slot_mapping of the live tokens: [live_len], int64"""
         return self.store.pool.slots(self.live_pages, self.live_len)
 
     def live_positions(self) -> torch.Tensor:
+        """Positions of the live tokens: [live_len], int32"""
         return torch.arange(
             self.live_pos, self.live_pos + self.live_len, dtype=torch.int32, device=self.store.pool.device
         )
 
-    def commit(self, i: int) -> None:
-        """Chunk ``i`` (a miss) has been filled: hand its pages to the store, pinned."""
-        self.store.commit(self.keys[i], self.pages[i], self.lengths[i])
-        self.store.hold(self.keys[i])
+    def lent(self) -> list[int]:
+        """Pages lent to this request now (uncommitted misses and the live tokens)."""
+        if self._closed:
+            return []
+        return [p for i in self.misses if i not in self.committed for p in self.pages[i]] + list(self.live_pages)
+
+    def commit(self, i: int) -> list[int]:
+        """Chunk ``i`` (a miss) has been filled: hand its pages to the store, pinned for this
+        request. Returns the pages that hold it now (also in ``pages`` for every occurrence)."""
+        if self._closed or i not in self.misses or i in self.committed:
+            raise StoreError(f"commit of chunk {i}: not an open, uncommitted miss of this plan")
+        key = self.keys[i]
+        kept = self.store.commit(key, self.pages[i], self.lengths[i], holder=self)
+        self.committed.add(i)
+        self._held.append(key)
+        for j, other in enumerate(self.keys):
+            if other == key:
+                self.pages[j] = kept
+        return kept
 
     def close(self) -> None:
+        """Give back what this request holds: uncommitted pages, live pages, pins. Once."""
         if self._closed:
             return
-        self._closed = True
-        for i, key in enumerate(self.keys):
-            if i in self.misses and self.store.tier(key) != "device":
-                self.store.pool.release(self.pages[i])  # never committed
-            else:
-                self.store.unhold(key)
-        self.store.pool.release(self.live_pages)
+        with self.store._lock:
+            self._closed = True
+            uncommitted = [p for i in self.misses if i not in self.committed for p in self.pages[i]]
+            self.store.release(uncommitted + list(self.live_pages))
+            for key in self._held:
+                self.store.unhold(key, self)
+
+    abort = close  # a request that ends early: nothing it did not commit is kept
 
     def __enter__(self) -> Plan:
         return self
@@ -75,20 +108,31 @@ class Plan:
 
 def plan(store: TieredStore, chunks: Sequence[Sequence[int]], live_tokens: int) -> Plan:
     """Look every chunk up (promoting hits into the device pool, pinned for the request),
-    allocate pages for misses and for ``live_tokens`` live tokens after the last chunk."""
+    lend pages for misses and for ``live_tokens`` live tokens after the last chunk. If any
+    step fails, what the earlier steps took is given back before the error propagates."""
     keys = [chunk_key(store.namespace, list(c)) for c in chunks]
     lengths = [len(c) for c in chunks]
     positions = [sum(lengths[:i]) for i in range(len(chunks))]
-    pages: list[list[int]] = []
-    hits, misses = [], []
-    for i, key in enumerate(keys):
-        found = store.fetch(key)
-        if found is not None:
-            store.hold(key)
-            hits.append(i)
-            pages.append(found)
-        else:
-            misses.append(i)
-            pages.append(store.allocate(lengths[i]))
-    live_pages = store.allocate(live_tokens)
-    return Plan(store, keys, lengths, positions, pages, hits, misses, live_tokens, live_pages)
+    p = Plan(store, keys, lengths, positions, [[] for _ in keys], [], [], live_tokens, [])
+    first: dict[str, int] = {}
+    try:
+        with store._lock:
+            for i, key in enumerate(keys):
+                if key in first:  # repeated in this request: share the first occurrence
+                    continue
+                first[key] = i
+                found = store.fetch(key, holder=p)
+                if found is not None:
+                    p._held.append(key)
+                    p.hits.append(i)
+                    p.pages[i] = found
+                else:
+                    p.pages[i] = store.allocate(lengths[i])
+                    p.misses.append(i)
+            for i, key in enumerate(keys):
+                p.pages[i] = p.pages[first[key]]
+            p.live_pages = store.allocate(live_tokens)
+    except BaseException:
+        p.close()
+        raise
+    return p

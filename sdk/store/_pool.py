@@ -28,6 +28,10 @@ class KVPool:
     def free_pages(self) -> int:
         return len(self._free)
 
+    def free_list(self) -> list[int]:
+        """The free pages, sorted."""
+        return sorted(self._free)
+
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.namespace.page_size)
 

@@ -44,6 +44,7 @@ class RemoteTier:
             raise StoreError("the remote tier needs Mooncake: pip install 'kvfuse[remote]'") from exc
         self.config = config
         self.namespace = namespace
+        self.mac_key: bytes | None = None  # set by the TieredStore that uses this tier
         self.failures = 0
         self.corrupt = 0
         self._down_until = 0.0
@@ -107,8 +108,8 @@ class RemoteTier:
             self._fail("get", f"code {got}")
             return None
         try:
-            return decode(self._buffer[:got].numpy().tobytes(), key, self.namespace)
-        except (ValueError, KeyError, TypeError) as exc:
+            return decode(self._buffer[:got].numpy().tobytes(), key, self.namespace, self.mac_key)
+        except Exception as exc:  # any malformed value (short, bad header, wrong payload) is a miss
             self.corrupt += 1
             warnings.warn(
                 f"kvfuse remote tier: value of {key} rejected ({exc}); treated as a miss", RuntimeWarning, stacklevel=2
@@ -119,7 +120,7 @@ class RemoteTier:
         """Publish a chunk; False (warned, counted) if the remote tier is unreachable."""
         if not self.up:
             return False
-        data = encode(key, self.namespace, k, v)
+        data = encode(key, self.namespace, k, v, self.mac_key)
         try:
             if self.client.is_exist(key) == 1:
                 return True  # same key, same bytes: already published

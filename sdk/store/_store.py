@@ -1,29 +1,65 @@
-"""TieredStore: chunk KV in device pool → host memory → local disk, LRU with demotion.
+"""TieredStore: chunk KV in device pool → host memory → local disk (→ remote), LRU with demotion.
 
-A chunk is looked up by key (:func:`chunk_key`). ``fetch`` brings it into the device pool
-(promoting it from host or disk) and returns its pages; ``put`` stores new KV. When the
-pool is full, the least recently used unpinned chunk is demoted to host memory; when host
-memory is over capacity, the least recently used host chunk goes to disk; when the disk is
-over capacity, the oldest file is dropped. Pinned chunks (see :meth:`pin`) are never
-evicted.
+A chunk is looked up by key (:func:`chunk_key`: the namespace and the token ids, so a key
+names exactly one KV). ``fetch`` brings it into the device pool (promoting it from host,
+disk or the remote tier) and returns its pages; ``put`` stores new KV. When the pool is
+full, the least recently used unpinned chunk is demoted to host memory; when host memory
+is over capacity, the least recently used host chunk goes to disk; when the disk is over
+capacity, the oldest file is dropped.
+
+Ownership. Every page of the pool has exactly one owner at every moment: the free list,
+one stored chunk, or one caller that was lent it (:meth:`allocate`, given back with
+:meth:`release` or handed to the store by :meth:`commit`). :meth:`audit` checks this.
+
+Pins. A pin keeps a chunk on the device tier. Pins are counted per holder (a request's
+plan, a :meth:`pin` block, or any hashable the caller passes): ``unhold`` releases only
+what that holder holds, and nothing (a commit, a put, a promotion) resets another
+holder's pins.
+
+Concurrency of requests (the store itself is serialised by a lock; callers may use it
+from several threads):
+
+- Two open requests that miss the same chunk both compute it, each into its own lent
+  pages. The first :meth:`commit` stores its pages. A later commit of the same key, while
+  the first copy is still on the device, gives its pages back to the free list and
+  returns the stored copy's pages, pinned for the committing holder: the request must
+  use the pages ``commit`` returns (``Plan.commit`` updates ``Plan.pages``). If the first
+  copy has meanwhile moved to the host or disk tier, the later commit's pages become the
+  device copy. Either way no request ever reads pages another owner can reuse.
+- A request that ends without committing (``Plan.close`` / ``Plan.abort``) gives back
+  every page it was lent and every pin it holds, once; a second close does nothing.
+- A chunk that occurs several times in one request is fetched, filled and pinned once;
+  all its occurrences share its pages.
+
+Failures leave every chunk where it was. A promotion that cannot get pages leaves the
+chunk on its tier and raises :class:`StoreError`; a demotion whose copy fails (a device
+error, a disk that is full or read-only) leaves the chunk on the tier it was on and
+raises :class:`StoreError` from the cause. A chunk is only ever dropped by eviction from
+the last tier.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from kvfuse._errors import StoreError
+from kvfuse.store._auth import load_mac_key
 from kvfuse.store._disk import DiskTier
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import KVPool
 from kvfuse.store._remote import RemoteTier
 
 TIERS = ("device", "host", "disk", "remote")
+USER = "user"  # the holder of hold() / unhold() calls that name none
+PLACING = "placing"  # the tier of a new entry while its first copy is being placed
+_PLACING = object()  # the store's own pin while it moves a chunk
 
 
 @dataclass
@@ -44,6 +80,9 @@ class StoreStats:
             "device->remote": 0,
         }
     )
+    duplicate_commits: int = 0  # commits of a key already on the device (pages given back)
+    disk_errors: int = 0  # failed disk writes or reads (OS errors)
+    rejected: int = 0  # disk entries that failed a check (corrupt, inconsistent, forged)
     remote_failures: int = 0
     remote_corrupt: int = 0
 
@@ -60,11 +99,15 @@ class _Entry:
     tier: str
     pages: list[int] | None = None
     host: tuple[torch.Tensor, torch.Tensor] | None = None
-    pins: int = 0
+    holders: collections.Counter[Hashable] = field(default_factory=collections.Counter)
+
+    @property
+    def pins(self) -> int:
+        return sum(self.holders.values())
 
 
 class TieredStore:
-    """Chunk KV across a device pool, host memory and a disk directory.
+    """Chunk KV across a device pool, host memory, a disk directory and a remote tier.
 
     Args:
         namespace: the model and KV layout; part of every key.
@@ -74,6 +117,11 @@ class TieredStore:
         disk_bytes: capacity of the disk tier.
         remote: a remote tier (Mooncake Store): looked up on a local miss, new chunks
             published to it; its failures degrade to the local tiers, never fail a call.
+        mac_key_env, mac_key_file: where the key of the authenticated mode is (an
+            environment variable holding it as hex, or a file holding its raw bytes).
+            With a key, every disk entry carries a keyed blake2b MAC and one without a
+            valid MAC is a miss (counted in ``stats.rejected``). See the README's threat
+            model.
     """
 
     def __init__(
@@ -85,14 +133,21 @@ class TieredStore:
         disk_dir: str | os.PathLike[str] | None = None,
         disk_bytes: int = 8 << 30,
         remote: RemoteTier | None = None,
+        mac_key_env: str | None = None,
+        mac_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.namespace = namespace
         self.pool = pool
         self.host_bytes = host_bytes
         self.disk_bytes = disk_bytes
-        self.disk = DiskTier(disk_dir, namespace) if disk_dir is not None else None
+        self.mac_key = load_mac_key(env=mac_key_env, file=mac_key_file)
+        self.disk = DiskTier(disk_dir, namespace, mac_key=self.mac_key) if disk_dir is not None else None
         self.stats = StoreStats()
         self.remote = remote
+        if remote is not None:
+            remote.mac_key = self.mac_key
+        self._lock = threading.RLock()
+        self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
         if self.disk is not None:  # rebuild the index from disk
             for e in self.disk.scan():
@@ -102,48 +157,108 @@ class TieredStore:
 
     def tier(self, key: str) -> str | None:
         """Where the chunk is now (None if not stored); does not touch the LRU order."""
-        e = self._entries.get(key)
-        if e is not None:
-            return e.tier
-        if self.disk is not None and self.disk.path(key).exists():
-            return "disk"
-        return None
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None:
+                return e.tier
+            if self.disk is not None and self.disk.exists(key):
+                return "disk"
+            return None
 
     def used(self, tier: str) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+
+    def pins(self, key: str) -> dict[Hashable, int]:
+        """The chunk's pins by holder (empty if none or not stored)."""
+        with self._lock:
+            e = self._entries.get(key)
+            return dict(e.holders) if e is not None else {}
 
     def __contains__(self, key: str) -> bool:
         return self.tier(key) is not None
 
+    def audit(self) -> dict[str, list[int]]:
+        """Who owns each page: ``{"free": [...], "lent": [...], <key>: [...] for chunks on
+        the device}``. Raises :class:`StoreError` if a page has no owner or two."""
+        with self._lock:
+            owners: dict[str, list[int]] = {"free": self.pool.free_list(), "lent": sorted(self._lent)}
+            for e in self._entries.values():
+                if e.tier == "device":
+                    if not e.pages and e.num_tokens:
+                        raise StoreError(f"chunk {e.key} is on the device tier without pages")
+                    owners[e.key] = list(e.pages or [])
+                elif e.pages is not None:
+                    raise StoreError(f"chunk {e.key} on the {e.tier} tier still has pages {e.pages}")
+            seen = collections.Counter(p for pages in owners.values() for p in pages)
+            twice = sorted(p for p, n in seen.items() if n > 1)
+            missing = sorted(set(range(self.pool.num_pages)) - set(seen))
+            if twice or missing or len(seen) != self.pool.num_pages:
+                raise StoreError(f"page ownership broken: owned twice {twice}, owned by nobody {missing}")
+            return owners
+
+    # -- pages lent to callers ----------------------------------------------------------------
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """Pages for ``num_tokens`` tokens, lent to the caller (making room by demotion if
+        needed). Give them back with :meth:`release`, or to the store with :meth:`commit`."""
+        with self._lock:
+            pages = self._alloc(self.pool.pages_for(num_tokens))
+            self._lent.update(pages)
+            return pages
+
+    def release(self, pages: Iterable[int]) -> None:
+        """Give back pages lent by :meth:`allocate`; raises (changing nothing) if any page
+        is not lent, so a double release cannot free pages another owner holds."""
+        with self._lock:
+            pages = list(pages)
+            bad = [p for p in pages if p not in self._lent]
+            if bad or len(set(pages)) != len(pages):
+                raise StoreError(f"release of pages that are not lent (or repeated): {bad or pages}")
+            self._lent.difference_update(pages)
+            self.pool.release(pages)
+
     # -- the main calls --------------------------------------------------------------------
 
-    def fetch(self, key: str) -> list[int] | None:
-        """The chunk's pages in the device pool (promoted there if needed), or None on a miss."""
-        e = self._entries.get(key)
-        if e is None and self.disk is not None and self.disk.path(key).exists():
-            e = _Entry(key, 0, 0, "disk")  # written by another process
-        if e is None:
-            return self._fetch_remote(key)
-        self.stats.hits[e.tier] += 1
-        if e.tier == "device":
-            self._entries.move_to_end(key)
-            assert e.pages is not None
-            return e.pages
+    def fetch(self, key: str, *, holder: Hashable | None = None) -> list[int] | None:
+        """The chunk's pages in the device pool (promoted there if needed), or None on a
+        miss. With ``holder``, the chunk is pinned for that holder in the same step."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None and self.disk is not None and self.disk.exists(key):
+                e = _Entry(key, 0, 0, "disk")  # written by another process
+                self._entries[key] = e
+                self._entries.move_to_end(key, last=False)
+            if e is None:
+                pages = self._fetch_remote(key)
+            elif e.tier == "device":
+                self.stats.hits["device"] += 1
+                self._entries.move_to_end(key)
+                pages = e.pages
+            else:
+                pages = self._promote(e)
+            if pages is not None and holder is not None:
+                self._entries[key].holders[holder] += 1
+            return None if pages is None else list(pages)
+
+    def _promote(self, e: _Entry) -> list[int] | None:
+        """Host or disk → device; on failure the chunk stays where it was."""
         if e.tier == "host":
             assert e.host is not None
             k, v = e.host
             source = "host->device"
         else:
             assert self.disk is not None
-            loaded = self.disk.read(key)
-            if loaded is None:  # corrupt or vanished: a miss, never wrong KV
-                self._entries.pop(key, None)
-                self.stats.hits["disk"] -= 1
+            loaded = self._disk_read(e.key)
+            if loaded is None:  # corrupt, forged or vanished: a miss, never wrong KV
+                if self._entries.get(e.key) is e and not e.holders:
+                    del self._entries[e.key]
                 self.stats.misses += 1
                 return None
             k, v = loaded
             source = "disk->device"
-        pages = self._place(key, k, v, pinned=e.pins)
+        pages = self._to_device(e, k, v)
+        self.stats.hits[source.split("->")[0]] += 1
         self.stats.bytes_moved[source] += 2 * k.numel() * k.element_size()
         return pages
 
@@ -155,9 +270,16 @@ class TieredStore:
             self.stats.misses += 1
             return None
         k, v = loaded
+        e = _Entry(key, k.shape[1], self._nbytes(k.shape[1]), PLACING)
+        self._entries[key] = e
+        try:
+            pages = self._to_device(e, k, v)
+        except StoreError:
+            del self._entries[key]
+            raise
         self.stats.hits["remote"] += 1
         self.stats.bytes_moved["remote->device"] += 2 * k.numel() * k.element_size()
-        return self._place(key, k, v, pinned=0)
+        return pages
 
     def _publish(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.remote is not None and self.remote.put(key, k, v):
@@ -169,55 +291,99 @@ class TieredStore:
             self.stats.remote_failures, self.stats.remote_corrupt = self.remote.failures, self.remote.corrupt
 
     def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> list[int]:
-        """Store a chunk's K/V ([num_layers, num_tokens, num_kv_heads, head_dim], un-rotated
-        keys); returns its pages in the device pool."""
-        want = self.namespace.chunk_shape(k.shape[1])
+        """Store a chunk's K/V; returns its pages in the device pool. A key names its KV, so
+        a chunk already on the device keeps the copy it has.
+
+        k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the namespace's dtype
+        (un-rotated keys)
+        """
+        want = self.namespace.chunk_shape(k.shape[1]) if k.dim() == 4 else None
         if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != self.namespace.torch_dtype:
-            raise StoreError(f"chunk KV must be {want} {self.namespace.dtype}, got {tuple(k.shape)} {k.dtype}")
-        self.stats.puts += 1
-        old = self._entries.get(key)
-        pages = self._place(key, k, v, pinned=old.pins if old else 0)
-        self._publish(key, k, v)
-        return pages
+            raise StoreError(
+                f"chunk KV must be [num_layers, num_tokens, num_kv_heads, head_dim] = "
+                f"{want or self.namespace.chunk_shape(0)} {self.namespace.dtype}, "
+                f"got k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+            )
+        with self._lock:
+            self.stats.puts += 1
+            e = self._entries.get(key)
+            if e is not None and e.tier == "device":
+                self._entries.move_to_end(key)
+                return list(e.pages or [])
+            new = e is None
+            if new:
+                e = self._entries[key] = _Entry(key, k.shape[1], self._nbytes(k.shape[1]), PLACING)
+            assert e is not None
+            try:
+                pages = self._to_device(e, k, v)
+            except StoreError:
+                if new:
+                    del self._entries[key]
+                raise
+            self._publish(key, k, v)
+            return pages
 
-    def commit(self, key: str, pages: list[int], num_tokens: int) -> None:
-        """Register KV that the caller already wrote into ``pages`` of the pool (e.g. by
-        ``append_kv`` during prefill); the pages now belong to the store."""
-        self.stats.puts += 1
-        self._entries[key] = _Entry(key, num_tokens, self._nbytes(num_tokens), "device", pages=pages)
-        self._entries.move_to_end(key)
-        if self.remote is not None and self.remote.up:  # publish for other machines
-            self._publish(key, *self.pool.read(pages, num_tokens))
+    def commit(self, key: str, pages: list[int], num_tokens: int, *, holder: Hashable | None = None) -> list[int]:
+        """Hand lent ``pages``, into which the caller wrote the chunk's KV (e.g. by
+        ``append_kv`` during prefill), to the store. Returns the pages that hold the chunk
+        from now on: ``pages``, or, if the chunk is already on the device, the stored copy's
+        (``pages`` are then given back). With ``holder``, the chunk is pinned for it."""
+        with self._lock:
+            need = self.pool.pages_for(num_tokens)
+            if len(pages) != need or any(p not in self._lent for p in pages) or len(set(pages)) != need:
+                raise StoreError(f"commit of {key}: expected {need} distinct lent pages, got {pages}")
+            self.stats.puts += 1
+            e = self._entries.get(key)
+            if e is not None and e.tier == "device":
+                self.stats.duplicate_commits += 1
+                self.release(pages)
+                kept = list(e.pages or [])
+            else:
+                self._lent.difference_update(pages)
+                if e is None:
+                    e = self._entries[key] = _Entry(key, num_tokens, self._nbytes(num_tokens), "device")
+                e.tier, e.pages, e.host = "device", list(pages), None
+                kept = list(pages)
+                if self.remote is not None and self.remote.up:  # publish for other machines
+                    self._publish(key, *self.pool.read(kept, num_tokens))
+            self._entries.move_to_end(key)
+            if holder is not None:
+                e.holders[holder] += 1
+            return kept
 
-    def allocate(self, num_tokens: int) -> list[int]:
-        """Pages for a new chunk, making room by demotion if needed (see :meth:`commit`)."""
-        need = self.pool.pages_for(num_tokens)
-        pages = self.pool.alloc(need)
-        while pages is None:
-            self._demote_one_device()
-            pages = self.pool.alloc(need)
-        return pages
+    def hold(self, key: str, holder: Hashable = USER) -> None:
+        """Pin one chunk for ``holder`` (counted): never evicted from the device until the
+        holder's last :meth:`unhold`."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                raise StoreError(f"hold of {key}: not stored")
+            e.holders[holder] += 1
 
-    def hold(self, key: str) -> None:
-        """Pin one chunk: never evicted until :meth:`unhold` (counted)."""
-        self._entries[key].pins += 1
-
-    def unhold(self, key: str) -> None:
-        e = self._entries.get(key)
-        if e is not None and e.pins > 0:
-            e.pins -= 1
+    def unhold(self, key: str, holder: Hashable = USER) -> None:
+        """Release one of ``holder``'s pins of the chunk; raises if the holder holds none."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.holders[holder] <= 0:
+                raise StoreError(f"unhold of {key}: {holder!r} holds no pin on it")
+            e.holders[holder] -= 1
+            if not e.holders[holder]:
+                del e.holders[holder]
 
     @contextlib.contextmanager
     def pin(self, keys: Iterable[str]) -> Iterator[None]:
-        """Within this block the chunks are never evicted (e.g. while a request uses them)."""
-        held = [k for k in keys if k in self._entries]
-        for k in held:
-            self.hold(k)
+        """Within this block the stored chunks among ``keys`` are never evicted."""
+        holder = ("pin", next(_pin_ids))
+        with self._lock:
+            held = [k for k in dict.fromkeys(keys) if k in self._entries]
+            for k in held:
+                self.hold(k, holder)
         try:
             yield
         finally:
-            for k in held:
-                self.unhold(k)
+            with self._lock:
+                for k in held:
+                    self.unhold(k, holder)
 
     # -- placement and eviction -------------------------------------------------------------
 
@@ -225,28 +391,47 @@ class TieredStore:
         ns = self.namespace
         return 2 * ns.num_layers * num_tokens * ns.num_kv_heads * ns.head_dim * self.namespace.torch_dtype.itemsize
 
-    def _place(self, key: str, k: torch.Tensor, v: torch.Tensor, pinned: int) -> list[int]:
-        old = self._entries.pop(key, None)
-        if old is not None and old.pages is not None:
-            self.pool.release(old.pages)
-        self._entries[key] = _Entry(key, k.shape[1], self._nbytes(k.shape[1]), "device", pins=pinned + 1)
-        try:  # pinned while it is placed, so making room never picks it
-            pages = self.allocate(k.shape[1])
-        finally:
-            self._entries[key].pins -= 1
-        self.pool.write(pages, k, v)
-        self._entries[key].pages = pages
-        self._entries.move_to_end(key)
+    def _alloc(self, need: int) -> list[int]:
+        pages = self.pool.alloc(need)
+        while pages is None:
+            if need > self.pool.num_pages:
+                raise StoreError(f"{need} pages asked, the pool has {self.pool.num_pages}")
+            self._demote_one_device()
+            pages = self.pool.alloc(need)
         return pages
 
+    def _to_device(self, e: _Entry, k: torch.Tensor, v: torch.Tensor) -> list[int]:
+        """Write (k, v) into new pages and make them ``e``'s device copy. ``e`` is pinned
+        while room is made, so it is never its own victim; on failure nothing changed."""
+        e.holders[_PLACING] += 1
+        try:
+            pages = self._alloc(self.pool.pages_for(k.shape[1]))
+        finally:
+            e.holders[_PLACING] -= 1
+            del e.holders[_PLACING]
+        try:
+            self.pool.write(pages, k, v)
+        except Exception as exc:
+            self.pool.release(pages)
+            raise StoreError(f"writing chunk {e.key} into the device pool failed: {exc}") from exc
+        e.tier, e.pages, e.host = "device", pages, None
+        e.num_tokens, e.nbytes = k.shape[1], self._nbytes(k.shape[1])
+        self._entries.move_to_end(e.key)
+        return list(pages)
+
     def _victim(self, tier: str) -> _Entry | None:
-        return next((e for e in self._entries.values() if e.tier == tier and e.pins == 0 and e.pages != []), None)
+        return next((e for e in self._entries.values() if e.tier == tier and e.pins == 0), None)
 
     def _demote_one_device(self) -> None:
         e = self._victim("device")
         if e is None or e.pages is None:
-            raise StoreError(f"device pool full: {self.pool.num_pages} pages, all pinned or in use")
-        k, v = self.pool.read(e.pages, e.num_tokens)
+            raise StoreError(
+                f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned"
+            )
+        try:
+            k, v = self.pool.read(e.pages, e.num_tokens)
+        except Exception as exc:
+            raise StoreError(f"demoting chunk {e.key} to host memory failed: {exc}") from exc
         self.pool.release(e.pages)
         e.pages, e.host, e.tier = None, (k, v), "host"
         self.stats.demotions["device->host"] += 1
@@ -259,15 +444,19 @@ class TieredStore:
             if e is None:
                 return
             assert e.host is not None
-            if self.disk is not None:
-                e.nbytes = self.disk.write(e.key, *e.host)
-                e.tier, e.host = "disk", None
-                self.stats.demotions["host->disk"] += 1
-                self.stats.bytes_moved["host->disk"] += e.nbytes
-                self._trim_disk()
-            else:
+            if self.disk is None:
                 del self._entries[e.key]
                 self.stats.demotions["host->drop"] += 1
+                continue
+            try:
+                nbytes = self.disk.write(e.key, *e.host)
+            except StoreError:
+                self.stats.disk_errors += 1
+                raise  # the chunk stays in host memory
+            e.nbytes, e.tier, e.host = nbytes, "disk", None
+            self.stats.demotions["host->disk"] += 1
+            self.stats.bytes_moved["host->disk"] += e.nbytes
+            self._trim_disk()
 
     def _trim_disk(self) -> None:
         assert self.disk is not None
@@ -278,3 +467,14 @@ class TieredStore:
             self.disk.delete(e.key)
             del self._entries[e.key]
             self.stats.demotions["disk->drop"] += 1
+
+    def _disk_read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        assert self.disk is not None
+        before = (self.disk.rejected, self.disk.errors)
+        loaded = self.disk.read(key)
+        self.stats.rejected += self.disk.rejected - before[0]
+        self.stats.disk_errors += self.disk.errors - before[1]
+        return loaded
+
+
+_pin_ids = itertools.count()

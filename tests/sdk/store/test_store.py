@@ -58,7 +58,7 @@ def test_pinned_chunks_are_never_evicted(tmp_path: Path) -> None:
     with store.pin(["a"]):
         store.put("c", *chunk(3))  # must evict b, not a
         assert store.tier("a") == "device" and store.tier("b") == "disk"
-        with store.pin(["c"]), pytest.raises(kvfuse.StoreError, match="all pinned"):
+        with store.pin(["c"]), pytest.raises(kvfuse.StoreError, match="the rest pinned"):
             store.put("d", *chunk(4))
     store.put("d", *chunk(4))  # unpinned again: a can go
     assert store.tier("a") == "disk"
@@ -129,3 +129,107 @@ def test_two_processes_share_one_directory(tmp_path: Path) -> None:
         assert out.split() == ["0", "0"]  # no wrong KV, nothing corrupt
     assert not list(tmp_path.glob(".*.tmp"))  # no partial files left visible
     assert len(list(tmp_path.glob("*.kv"))) >= 16
+
+
+# -- request bookkeeping (issue 12): directed cases of what the state machine explores ----
+
+
+def _store(pages: int = 10, **kw: object) -> TieredStore:
+    return TieredStore(NS, KVPool(NS, pages), **kw)  # type: ignore[arg-type]
+
+
+def _fill(store: TieredStore, p: kvfuse.store.Plan, i: int, seed: int) -> None:
+    store.pool.write(p.pages[i], *chunk(seed))
+    p.commit(i)
+
+
+def test_two_requests_missing_one_chunk_never_see_other_kv() -> None:
+    """Before: b's commit replaced a's entry, a's close unpinned it, pressure evicted it and
+    b's pages were reused for another chunk (b read that chunk's KV, no error)."""
+    store = _store(host_bytes=1 << 20)
+    tokens = list(range(10))
+    a, b = kvfuse.store.plan(store, [tokens], 0), kvfuse.store.plan(store, [tokens], 0)
+    assert a.misses == [0] and b.misses == [0] and a.pages[0] != b.pages[0]
+    for p in (a, b):
+        store.pool.write(p.pages[0], *chunk(5))
+    kept = a.commit(0)
+    assert b.commit(0) == kept and b.pages[0] == kept  # b adopts the stored copy
+    assert store.stats.duplicate_commits == 1
+    a.close()
+    pages = store.allocate(4 * 4)  # pressure: everything unpinned may go
+    other = kvfuse.store.plan(store, [list(range(100, 110))], 0)
+    _fill(store, other, 0, 9)
+    assert store.tier(b.keys[0]) == "device" and same_bits(store.pool.read(b.pages[0], 10), chunk(5))
+    store.audit()
+    for p in (b, other):
+        p.close()
+    store.release(pages)
+    owners = store.audit()
+    assert owners["lent"] == [] and store.pins(b.keys[0]) == {}
+
+
+def test_a_chunk_repeated_in_a_request_is_fetched_and_pinned_once() -> None:
+    store = _store()
+    doc = list(range(10))
+    with kvfuse.store.plan(store, [doc, list(range(50, 55)), doc], 3) as p:
+        assert p.misses == [0, 1] and p.pages[2] == p.pages[0]
+        _fill(store, p, 0, 1)
+        assert p.pages[2] == p.pages[0] and store.pins(p.keys[0]) == {p: 1}
+    assert store.audit()["lent"] == [] and store.pins(p.keys[0]) == {}
+    with kvfuse.store.plan(store, [doc, doc], 0) as q:
+        assert q.hits == [0] and store.pins(q.keys[0]) == {q: 1}
+    assert store.pins(q.keys[0]) == {}
+
+
+def test_a_plan_that_fails_part_way_gives_everything_back() -> None:
+    store = _store(pages=6, host_bytes=0)
+    store.put("a", *chunk(1))
+    store.hold("a")
+    with pytest.raises(kvfuse.StoreError, match="pool full"):
+        kvfuse.store.plan(store, [list(range(10))], live_tokens=4 * 4)  # 3 + 4 pages > 6 - 3
+    owners = store.audit()
+    assert owners["lent"] == [] and len(owners["free"]) == 3 and store.pins("a") == {"user": 1}
+
+
+def test_aborting_a_request_whose_chunk_another_committed() -> None:
+    store = _store()
+    doc = list(range(10))
+    a, b = kvfuse.store.plan(store, [doc], 2), kvfuse.store.plan(store, [doc], 2)
+    _fill(store, a, 0, 3)
+    b.abort()  # b never filled: its pages go back, a's pin and the stored copy stay
+    assert store.pins(a.keys[0]) == {a: 1} and store.audit()["lent"] == sorted(a.lent())
+    a.close()
+    a.close()
+    assert store.audit()["lent"] == [] and store.tier(a.keys[0]) == "device"
+
+
+def test_a_failed_promotion_leaves_the_chunk_where_it_was() -> None:
+    store = _store(pages=6)
+    store.put("a", *chunk(1))
+    store.put("b", *chunk(2))
+    store.put("c", *chunk(3))  # a demoted to host memory
+    assert store.tier("a") == "host"
+    with store.pin(["b", "c"]), pytest.raises(kvfuse.StoreError, match="pool full"):
+        store.fetch("a")
+    assert store.tier("a") == "host" and store.stats.hits["host"] == 0
+    pages = store.fetch("a")
+    assert pages is not None and same_bits(store.pool.read(pages, 10), chunk(1))
+    store.audit()
+
+
+def test_release_and_unhold_of_what_is_not_held_change_nothing() -> None:
+    store = _store()
+    pages = store.allocate(8)
+    store.put("a", *chunk(1))
+    stored = store.audit()["a"]
+    with pytest.raises(kvfuse.StoreError, match="not lent"):
+        store.release(stored)  # a stored chunk's pages are not the caller's to free
+    with pytest.raises(kvfuse.StoreError, match="not lent"):
+        store.release([*pages, pages[0]])
+    with pytest.raises(kvfuse.StoreError, match="holds no pin"):
+        store.unhold("a")
+    assert store.audit()["lent"] == sorted(pages) and store.audit()["a"] == stored
+    store.release(pages)
+    with pytest.raises(kvfuse.StoreError, match="not lent"):
+        store.release(pages)  # twice
+    assert store.audit()["lent"] == []
