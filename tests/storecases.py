@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
+from collections.abc import Iterator
+
 import torch
 from kvfuse.store import Namespace
 
@@ -17,3 +22,20 @@ def chunk(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 
 def same_bits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
     return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+
+
+@contextlib.contextmanager
+def disk_full(on: bool) -> Iterator[None]:
+    """While ``on``: no file of this process may grow past 64 bytes, so every chunk write
+    fails in the OS (EFBIG), as a full disk would fail it."""
+    if not on:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)

@@ -32,10 +32,13 @@ from several threads):
   all its occurrences share its pages.
 
 Failures leave every chunk where it was. A promotion that cannot get pages leaves the
-chunk on its tier and raises :class:`StoreError`; a demotion whose copy fails (a device
-error, a disk that is full or read-only) leaves the chunk on the tier it was on and
-raises :class:`StoreError` from the cause. A chunk is only ever dropped by eviction from
-the last tier.
+chunk on its tier and raises :class:`StoreError`. A demotion whose copy fails leaves the
+chunk on the tier it was on: when the disk refuses a write (full, read-only, gone), the
+chunk stays in host memory, which may then exceed its budget by that one chunk (a
+``RuntimeWarning``, counted in ``stats.disk_errors``); a call that needs more host room
+while the disk still refuses raises :class:`StoreError` from the OS error. Everything
+that needs no room keeps working, and the store recovers by itself when the disk does.
+A chunk is only ever dropped by eviction from the last tier.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import contextlib
 import itertools
 import os
 import threading
+import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -428,6 +432,7 @@ class TieredStore:
             raise StoreError(
                 f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned"
             )
+        self._trim_host(room=e.nbytes)  # raises if the disk refuses: e stays on the device
         try:
             k, v = self.pool.read(e.pages, e.num_tokens)
         except Exception as exc:
@@ -436,10 +441,15 @@ class TieredStore:
         e.pages, e.host, e.tier = None, (k, v), "host"
         self.stats.demotions["device->host"] += 1
         self.stats.bytes_moved["device->host"] += e.nbytes
-        self._trim_host()
+        try:
+            self._trim_host(room=0)
+        except StoreError as exc:  # the chunk stays in host memory, over budget by one chunk
+            warnings.warn(f"kvfuse store: {exc}; kept in host memory", RuntimeWarning, stacklevel=4)
 
-    def _trim_host(self) -> None:
-        while self.used("host") > self.host_bytes:
+    def _trim_host(self, room: int) -> None:
+        """Move host chunks to disk (or drop them, without a disk) until ``room`` more bytes
+        fit. A disk write that fails leaves its chunk in host memory and raises StoreError."""
+        while self.used("host") + room > self.host_bytes:
             e = self._victim("host")
             if e is None:
                 return
@@ -452,7 +462,7 @@ class TieredStore:
                 nbytes = self.disk.write(e.key, *e.host)
             except StoreError:
                 self.stats.disk_errors += 1
-                raise  # the chunk stays in host memory
+                raise
             e.nbytes, e.tier, e.host = nbytes, "disk", None
             self.stats.demotions["host->disk"] += 1
             self.stats.bytes_moved["host->disk"] += e.nbytes

@@ -15,9 +15,7 @@ Invariants after every step:
 from __future__ import annotations
 
 import contextlib
-import resource
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -27,6 +25,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kvfuse.store import KVPool, Namespace, Plan, TieredStore, chunk_key, plan
+from storecases import disk_full
 
 NS = Namespace(model_id="machine", num_layers=2, num_kv_heads=1, head_dim=4, dtype="fp32", page_size=4)
 LENGTHS = [1, 3, 4, 5, 8, 9]
@@ -41,23 +40,6 @@ def kv(c: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.tensor(TOKENS[c], dtype=torch.float32)[None, :, None, None]
     k = tokens * 10 + torch.arange(2.0)[:, None, None, None] + torch.tensor([0.0, 0.1, 0.2, 0.3])
     return k, -k
-
-
-@contextlib.contextmanager
-def disk_full(on: bool) -> Iterator[None]:
-    """While ``on``: no file of this process may grow past 64 bytes, so every chunk write
-    fails in the OS (EFBIG), as a full disk would fail it."""
-    if not on:
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
 
 
 class StoreMachine(RuleBasedStateMachine):
