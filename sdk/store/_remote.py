@@ -12,9 +12,11 @@ used here becomes RDMA by configuration (``protocol="rdma"``, ``rdma_devices``).
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kvfuse._errors import StoreError
@@ -34,6 +36,7 @@ class RemoteConfig:
     global_segment_bytes: int = 64 << 20  # memory this process contributes to the shared pool
     local_buffer_bytes: int = 64 << 20  # registered staging buffer for put_from / get_into
     retry_after_s: float = 5.0
+    connect_timeout_s: float = 5.0  # setup against a master that is down or unreachable fails after this
 
 
 class RemoteTier:
@@ -48,18 +51,8 @@ class RemoteTier:
         self.failures = 0
         self.corrupt = 0
         self._down_until = 0.0
-        self.client = MooncakeDistributedStore()
-        rc = self.client.setup(
-            config.local_hostname,
-            config.metadata,
-            config.global_segment_bytes,
-            config.local_buffer_bytes,
-            config.protocol,
-            config.rdma_devices,
-            config.master,
-        )
-        if rc != 0:
-            raise StoreError(f"Mooncake store setup failed (code {rc}) for master {config.master}")
+        _check_reachable(config.master, config.connect_timeout_s)
+        self.client = _setup_bounded(MooncakeDistributedStore(), config)
         self._buffer = torch.empty(0, dtype=torch.uint8)
         self._reserve(1 << 20)
 
@@ -137,6 +130,54 @@ class RemoteTier:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _check_reachable(master: str, timeout: float) -> None:
+    """Fail fast when nothing listens at the master's address (Mooncake's own setup retries
+    for about 90 s before it gives up)."""
+    import socket
+
+    host, _, port = master.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"Mooncake master {master} is not reachable: {exc}") from exc
+
+
+def _setup_bounded(client: Any, config: RemoteConfig) -> Any:
+    """``client.setup(...)`` with a deadline of ``config.connect_timeout_s``. Mooncake's call
+    cannot be interrupted, so it runs in a daemon thread; if the deadline passes, the thread
+    is abandoned (it closes the client should its setup still succeed) and this raises."""
+    done = threading.Event()
+    state: dict[str, Any] = {"abandoned": False}
+
+    def run() -> None:
+        try:
+            state["rc"] = client.setup(
+                config.local_hostname,
+                config.metadata,
+                config.global_segment_bytes,
+                config.local_buffer_bytes,
+                config.protocol,
+                config.rdma_devices,
+                config.master,
+            )
+        except Exception as exc:  # surfaced below as a StoreError
+            state["error"] = exc
+        done.set()
+        if state["abandoned"] and state.get("rc") == 0:
+            client.close()
+
+    threading.Thread(target=run, name="kvfuse-mooncake-setup", daemon=True).start()
+    if not done.wait(config.connect_timeout_s):
+        state["abandoned"] = True
+        raise StoreError(f"Mooncake setup for master {config.master} did not finish in {config.connect_timeout_s} s")
+    if "error" in state:
+        error = state["error"]
+        raise StoreError(f"Mooncake store setup failed for master {config.master}: {error}") from error
+    if state["rc"] != 0:
+        raise StoreError(f"Mooncake store setup failed (code {state['rc']}) for master {config.master}")
+    return client
 
 
 def _free_port() -> int:

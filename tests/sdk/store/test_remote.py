@@ -82,15 +82,67 @@ def test_master_gone_degrades_to_local_tiers(master: LocalMaster) -> None:
         assert pages is not None and same_bits(store.pool.read(pages, 10), chunk(seed))
 
 
-def test_corrupted_remote_value_is_a_miss(master: LocalMaster) -> None:
-    remote = RemoteTier(master.config, NS)
+def _damaged(damage: str) -> bytes:
     data = bytearray(encode("bad", NS, *chunk(7)))
-    data[-3] ^= 0x10  # one flipped payload bit
+    if damage == "flipped-payload-bit":
+        data[-3] ^= 0x10
+    elif damage == "too-short":
+        data = data[:5]
+    elif damage == "bad-header":
+        data[20] ^= 0x01
+    elif damage == "payload-short":  # a valid header whose payload is cut
+        data = data[:-100]
+    elif damage == "other-key":
+        data = bytearray(encode("other", NS, *chunk(7)))
+    elif damage == "forged":  # plain bytes where the store expects a MAC
+        pass
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "damage", ["flipped-payload-bit", "too-short", "bad-header", "payload-short", "other-key", "forged"]
+)
+def test_malformed_remote_values_are_counted_misses(
+    master: LocalMaster, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = RemoteTier(master.config, NS)
+    data = bytearray(_damaged(damage))
     buf = torch.frombuffer(data, dtype=torch.uint8)
     assert remote.client.register_buffer(buf.data_ptr(), len(data)) == 0
     assert remote.client.put_from("bad", buf.data_ptr(), len(data)) == 0
-    store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=remote)
+    kw = {}
+    if damage == "forged":
+        monkeypatch.setenv("KVFUSE_REMOTE_MAC", "33" * 32)
+        kw = {"mac_key_env": "KVFUSE_REMOTE_MAC"}
+    store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=remote, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert store.fetch("bad") is None
     assert store.stats.remote_corrupt == 1 and store.stats.misses == 1
+    store.audit()
+
+
+def test_a_dead_master_fails_setup_within_the_timeout() -> None:
+    import time
+
+    from kvfuse import StoreError
+    from kvfuse.store import RemoteConfig
+    from kvfuse.store._remote import _free_port
+
+    start = time.monotonic()
+    with pytest.raises(StoreError, match="not reachable"):
+        RemoteTier(RemoteConfig(master=f"127.0.0.1:{_free_port()}", connect_timeout_s=2.0), NS)
+    assert time.monotonic() - start < 5  # Mooncake's own setup takes ~90 s to give up
+
+
+def test_lookups_against_a_dead_master_do_not_stall(master: LocalMaster) -> None:
+    import time
+
+    store = TieredStore(NS, KVPool(NS, 16), host_bytes=0, remote=RemoteTier(master.config, NS))
+    master.stop()
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(20):
+            assert store.fetch(f"k{i}") is None
+    assert time.monotonic() - start < 5 and store.stats.misses == 20
