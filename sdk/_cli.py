@@ -33,6 +33,7 @@ def device_rows(reg: Registry) -> dict[str, Any]:
     """The data of ``kvfuse devices --json``."""
     rows = []
     for dev in reg.devices():
+        caps = reg.capabilities(dev.name)
         avail = reg.probe(dev.name)
         rows.append(
             {
@@ -44,7 +45,7 @@ def device_rows(reg: Registry) -> dict[str, Any]:
                 "api_version": dev.api_version,
                 "plugin": reg.origin(dev.name),
                 "torch_device": dev.torch_device_type,
-                "capabilities": dev.capabilities().model_dump(mode="json"),
+                "capabilities": caps.model_dump(mode="json") if caps is not None else {"ops": {}},
             }
         )
     broken = [{"name": b.name, "reason": b.reason} for b in reg.broken]

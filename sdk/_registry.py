@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pluggy
 import torch
 from kvfuse import _hookspecs
-from kvfuse._device import API_VERSION, Availability, Device, Requirement
+from kvfuse._device import API_VERSION, Availability, Capabilities, Device, Requirement
 from kvfuse._errors import (
     DeviceMismatchError,
     DeviceNotFoundError,
@@ -33,6 +34,8 @@ from kvfuse._errors import (
 from kvfuse._transport import Transport
 
 __all__ = ["BrokenPlugin", "Registry", "registry"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Registry:
                 continue  # the same distribution seen twice on sys.path
             try:
                 plugin = ep.load()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() while importing is a broken plugin too
                 self._record(ep.name, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}", exc)
                 continue
             self.register(plugin, name=ep.name)
@@ -101,7 +104,7 @@ class Registry:
         )
         try:
             results = caller()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             self._pm.unregister(plugin)
             self._record(name, f"hook kvfuse_devices raised {type(exc).__name__}: {exc}", exc)
             return []
@@ -133,7 +136,7 @@ class Registry:
                 return f"device name {dev.name!r} is already registered by plugin {self._origin[dev.name]!r}"
             try:
                 caps = dev.capabilities()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 return f"device {dev.name!r} capabilities() raised {type(exc).__name__}: {exc}"
             for op in caps.ops:
                 if getattr(type(dev), op) is getattr(Device, op):
@@ -206,7 +209,10 @@ class Registry:
         name = name or os.environ.get("KVFUSE_DEVICE") or None
         if name is not None:
             dev = self.get(name)
-            if not requirement.torch_device_types and not dev.accepts(tensor_device):
+            accepts = self._guarded(dev, "accepts", lambda: dev.accepts(tensor_device))
+            if accepts is None:
+                raise DeviceUnavailableError(f"device {name!r} is unavailable: {self._probes[name].reason}")
+            if not requirement.torch_device_types and not accepts:
                 raise DeviceMismatchError(
                     "tensors", f"tensors on a torch device that device {name!r} accepts", str(tensor_device)
                 )
@@ -214,16 +220,40 @@ class Registry:
             candidates = [
                 d
                 for d in sorted(self._devices.values(), key=lambda d: (-d.priority, d.name))
-                if d.accepts(tensor_device) and self.probe(d.name).available
+                if self.probe(d.name).available and self._guarded(d, "accepts", lambda d=d: d.accepts(tensor_device))
             ]
             if not candidates:
                 raise DeviceNotFoundError(f"no available device accepts tensors on {tensor_device}")
-            covering = [d for d in candidates if d.capabilities().missing(requirement) is None]
+            covering = [d for d in candidates if self._missing(d, requirement) is None]
             dev = (covering or candidates)[0]
-        missing = dev.capabilities().missing(requirement)
+        missing = self._missing(dev, requirement)
+        if missing is None and not self.probe(dev.name).available:
+            raise DeviceUnavailableError(f"device {dev.name!r} is unavailable: {self.probe(dev.name).reason}")
         if missing is not None:
             raise UnsupportedError(dev.name, requirement.op, missing)
         return dev
+
+    def capabilities(self, name: str) -> Capabilities | None:
+        """The device's capabilities, or None if its ``capabilities()`` raised (the device is
+        then reported unavailable, with the exception as the reason)."""
+        dev = self.get(name, require_available=False)
+        caps: Capabilities | None = self._guarded(dev, "capabilities", dev.capabilities)
+        return caps
+
+    def _missing(self, dev: Device, requirement: Requirement) -> str | None:
+        caps = self.capabilities(dev.name)
+        return caps.missing(requirement) if caps is not None else f"{requirement.op} (capabilities() raised)"
+
+    def _guarded(self, dev: Device, what: str, fn: Callable[[], _T]) -> _T | None:
+        """``fn()``; if the device's own method raises, the device is marked unavailable
+        (the reason names the exception) and None is returned."""
+        try:
+            return fn()
+        except Exception as exc:
+            self._probes[dev.name] = Availability(
+                available=False, reason=f"{what}() raised {type(exc).__name__}: {exc}"
+            )
+            return None
 
 
 _lock = threading.Lock()

@@ -71,6 +71,40 @@ PLUGINS = {
         def kvfuse_devices():
             return [Lazy()]
     """,
+    "exiting_plugin": "import sys\nsys.exit(3)\n",
+    "caps_raise_plugin": """
+        import kvfuse
+        from kvfuse.devices.reference.device import ReferenceDevice
+
+        class NoCaps(ReferenceDevice):
+            name = "nocaps"
+            def capabilities(self):
+                raise RuntimeError("firmware too old")
+
+        @kvfuse.hookimpl
+        def kvfuse_devices():
+            return [NoCaps()]
+    """,
+    "moody_plugin": """
+        import kvfuse
+        from kvfuse.devices.reference.device import ReferenceDevice
+
+        class Moody(ReferenceDevice):
+            # registers fine, then its accepts() and capabilities() raise
+            name = "moody"
+            priority = 90  # above good: automatic choice would pick it first
+            def capabilities(self):
+                self.calls = getattr(self, "calls", 0) + 1
+                if self.calls > 1:
+                    raise RuntimeError("device lost")
+                return super().capabilities()
+            def accepts(self, device):
+                raise RuntimeError("device lost")
+
+        @kvfuse.hookimpl
+        def kvfuse_devices():
+            return [Moody()]
+    """,
 }
 BROKEN = {
     "import_error": "not_a_module_anywhere",
@@ -78,6 +112,8 @@ BROKEN = {
     "old_api": "api_version '0.3'",
     "not_a_device": "expected kvfuse.Device",
     "undeclared_impl": "declares merge_states but does not implement it",
+    "exiting": "SystemExit",
+    "caps_raise": "capabilities() raised RuntimeError: firmware too old",
 }
 
 
@@ -120,7 +156,7 @@ def test_broken_plugins_are_isolated(on_path: Path) -> None:
 
 def test_strict_mode_raises(on_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVFUSE_STRICT_PLUGINS", "1")
-    with pytest.raises(kvfuse.PluginError, match="import_error"):
+    with pytest.raises(kvfuse.PluginError, match="is broken"):  # the first, alphabetically
         Registry().load_entry_points()
 
 
@@ -136,7 +172,11 @@ def test_selection_by_priority_capability_and_env(on_path: Path, monkeypatch: py
     reg = Registry()
     reg.load_entry_points()
     req = kvfuse.Requirement(op="merge_states", dtype="fp32", head_dim=8)
-    assert reg.select(req, torch.device("cpu"), None).name == "good"  # the highest priority
+    assert reg.select(req, torch.device("cpu"), None).name == "good"  # the highest that works
+    moody = reg.probe("moody")  # its accepts() raised: reported unavailable, with the reason
+    assert not moody.available and "accepts() raised RuntimeError: device lost" in moody.reason
+    with pytest.raises(kvfuse.DeviceUnavailableError, match="device lost"):
+        reg.select(req, torch.device("cpu"), "moody")
     monkeypatch.setenv("KVFUSE_DEVICE", "reference")
     assert reg.select(req, torch.device("cpu"), None).name == "reference"
     with pytest.raises(kvfuse.DeviceNotFoundError, match="raising"):
@@ -181,6 +221,7 @@ def test_cli_shows_broken_plugins(on_path: Path) -> None:
     assert devs["reference"]["available"] and devs["good"]["vendor"] == "Acme"
     assert set(devs["reference"]) >= {"name", "vendor", "available", "reason", "api_version", "capabilities"}
     assert {b["name"] for b in data["broken_plugins"]} == set(BROKEN)
+    assert not devs["moody"]["available"] and "device lost" in devs["moody"]["reason"]
     table = subprocess.run(
         [sys.executable, "-m", "kvfuse", "devices"], capture_output=True, text=True, env=env, check=True
     )
