@@ -220,7 +220,7 @@ class Registry:
             candidates = [
                 d
                 for d in sorted(self._devices.values(), key=lambda d: (-d.priority, d.name))
-                if self.probe(d.name).available and self._guarded(d, "accepts", lambda d=d: d.accepts(tensor_device))
+                if self.probe(d.name).available and self._accepts(d, tensor_device)
             ]
             if not candidates:
                 raise DeviceNotFoundError(f"no available device accepts tensors on {tensor_device}")
@@ -232,6 +232,9 @@ class Registry:
         if missing is not None:
             raise UnsupportedError(dev.name, requirement.op, missing)
         return dev
+
+    def _accepts(self, dev: Device, tensor_device: torch.device) -> bool:
+        return bool(self._guarded(dev, "accepts", lambda: dev.accepts(tensor_device)))
 
     def capabilities(self, name: str) -> Capabilities | None:
         """The device's capabilities, or None if its ``capabilities()`` raised (the device is
