@@ -212,10 +212,27 @@ class NpuDevice(Device):
         elem = elem_type(dtype)
         return self.sessions.get((op, elem), lambda: build(elem))
 
+    def writes_in_place(self) -> bool:
+        """Whether pool writes bind ScatterND's output to its input (the pool's memory).
+        ONNX Runtime does not document that aliasing, so it is used only on providers where
+        ``tests/devices/npu`` proves it (bit-exact, in place, other pages untouched):
+        ``moves.ALIASING_PROVEN``. Elsewhere (or with ``KVFUSE_NPU_INPLACE=0``) the graph
+        computes only the rows to write and torch copies them into the pool."""
+        if os.environ.get("KVFUSE_NPU_INPLACE", "1") == "0":
+            return False
+        providers = self.sessions.providers
+        return bool(providers) and providers[0] in moves.ALIASING_PROVEN
+
     def append_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
         k_slots, v_slots = k_pages.view(-1, *k_pages.shape[2:]), v_pages.view(-1, *v_pages.shape[2:])
+        if not self.writes_in_place():
+            keep = (slot_mapping >= 0).nonzero().reshape(-1)
+            rows = slot_mapping[keep]
+            k_slots.index_copy_(0, rows, k.index_select(0, keep))
+            v_slots.index_copy_(0, rows, v.index_select(0, keep))
+            return
         with self._ort("append_kv"):
             sess = self._graph("append_kv", k.dtype, moves.append_graph)
             run_graph(
@@ -244,6 +261,11 @@ class NpuDevice(Device):
         v_pages: torch.Tensor,
         page_ids: torch.Tensor,
     ) -> None:
+        if not self.writes_in_place():
+            ids = page_ids.long()
+            k_pages.index_copy_(0, ids, k_buf)
+            v_pages.index_copy_(0, ids, v_buf)
+            return
         with self._ort("scatter_pages"):
             sess = self._graph("scatter_pages", k_pages.dtype, moves.scatter_graph)
             run_graph(
@@ -269,8 +291,9 @@ class NpuDevice(Device):
         *,
         non_blocking: bool,
     ) -> TransferHandle:
+        in_place = self.writes_in_place()
         with self._ort("copy_pages"):
-            sess = self._graph("copy_pages", src_k.dtype, moves.copy_graph)
+            sess = self._graph("copy_pages", src_k.dtype, moves.copy_graph) if in_place else None
         inputs = {
             "src_k": src_k,
             "src_v": src_v,
@@ -281,6 +304,11 @@ class NpuDevice(Device):
         }
 
         def copy() -> None:
+            if sess is None:  # gather on the runtime, write with torch
+                k_buf, v_buf = self.gather_pages(src_k, src_v, src_ids)
+                dst_k.index_copy_(0, dst_ids.long(), k_buf)
+                dst_v.index_copy_(0, dst_ids.long(), v_buf)
+                return
             with self._ort("copy_pages"):
                 run_graph(sess, inputs, {"k_out": dst_k, "v_out": dst_v})
 

@@ -1,6 +1,8 @@
 """The KV moves as ONNX graphs: Gather for reads, ScatterND for writes. Writes bind the
 graph's output to the pool's own memory (ScatterND's data input and output alias), so a
-move touches only the pages it names."""
+move touches only the pages it names. ONNX Runtime does not document that aliasing: the
+device uses it only on the providers in ``ALIASING_PROVEN``, each proven by a test in
+``tests/devices/npu`` (bit-exact writes, in place, every other page untouched)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from kvfuse.devices.npu.runtime import Graph
 from onnx import TensorProto
 
 I64 = TensorProto.INT64
+ALIASING_PROVEN = frozenset({"CPUExecutionProvider"})
 POOL = ["N", "P", "H", "D"]
 
 

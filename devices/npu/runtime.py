@@ -144,8 +144,8 @@ class SessionCache:
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            for key, value in self.config.items():
-                opts.add_session_config_entry(key, value)
+            for entry, value in self.config.items():
+                opts.add_session_config_entry(entry, value)
             providers = [(p, self.provider_options.get(p, {})) for p in self.providers]
             sess = ort.InferenceSession(build(), sess_options=opts, providers=providers)
             self.builds += 1

@@ -102,3 +102,57 @@ def test_bad_configuration_is_a_device_error(npu: NpuDevice, monkeypatch: pytest
         kvfuse.gather_pages(
             torch.randn(4, 2, 2, 8), torch.randn(4, 2, 2, 8), torch.tensor([1], dtype=torch.int32), device="npu"
         )
+
+
+def test_session_cache_hits_with_a_session_config(npu: NpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the config loop's variable shadowed the cache key, so every call built."""
+    monkeypatch.setenv("KVFUSE_NPU_SESSION_CONFIG", json.dumps({"session.intra_op.allow_spinning": "0"}))
+    k = torch.randn(6, 2, 2, 8)
+    for _ in range(3):
+        kvfuse.gather_pages(k, k.clone(), torch.tensor([1, 4], dtype=torch.int32), device="npu")
+    assert npu.sessions.builds == 1
+
+
+def _sentinel_pool(num_pages: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 pools whose bits include NaN payloads, so any rewrite of an untouched page shows."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**15), 2**15, (2, num_pages, 4, 2, 8), generator=g, dtype=torch.int16)
+    pool = bits.view(torch.bfloat16)
+    return pool[0], pool[1]
+
+
+@pytest.mark.parametrize("in_place", ["1", "0"])
+def test_pool_writes_are_exact_in_place_on_every_selected_provider(
+    npu: NpuDevice, monkeypatch: pytest.MonkeyPatch, in_place: str
+) -> None:
+    """The proof behind ``moves.ALIASING_PROVEN``: on the active provider, ScatterND with its
+    output bound to its input writes the named pages into the pool's own memory, bit for
+    bit, and leaves every other page's bits alone (NaN payloads included). The torch
+    fallback (KVFUSE_NPU_INPLACE=0) gives the same bytes."""
+    from kvfuse.devices.npu import moves
+
+    monkeypatch.setenv("KVFUSE_NPU_INPLACE", in_place)
+    provider = npu.sessions.providers[0]
+    assert npu.writes_in_place() == (in_place == "1" and provider in moves.ALIASING_PROVEN)
+    k_pages, v_pages = _sentinel_pool(4096, 0)
+    ptr, before = k_pages.data_ptr(), (k_pages.clone(), v_pages.clone())
+    ids = torch.tensor([4095, 7, 2048], dtype=torch.int32)
+    k_buf, v_buf = _sentinel_pool(3, 1)
+    kvfuse.scatter_pages(k_buf, v_buf, k_pages, v_pages, ids, device="npu")
+    slots = torch.tensor([5, -1, 4095 * 4 + 3], dtype=torch.int64)
+    k_new, v_new = (x.reshape(-1, 2, 8)[:3].clone() for x in _sentinel_pool(1, 2))
+    kvfuse.append_kv(k_new, v_new, k_pages, v_pages, slots, device="npu")
+    want_k, want_v = before
+    want_k[ids.long()], want_v[ids.long()] = k_buf, v_buf
+    want_k.view(-1, 2, 8)[[5, 4095 * 4 + 3]] = k_new[[0, 2]]
+    want_v.view(-1, 2, 8)[[5, 4095 * 4 + 3]] = v_new[[0, 2]]
+    assert k_pages.data_ptr() == ptr
+    for got, want in ((k_pages, want_k), (v_pages, want_v)):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_unproven_providers_write_through_torch(npu: NpuDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvfuse.devices.npu import moves
+
+    monkeypatch.setattr(moves, "ALIASING_PROVEN", frozenset())
+    assert not npu.writes_in_place()
