@@ -21,6 +21,10 @@ def _i(*v: int) -> torch.Tensor:
     return torch.tensor(v, dtype=I32)
 
 
+def _s(*v: int) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int64)
+
+
 def _attention(**over: Any) -> Call:
     """A valid call (2 requests, 3 segments, page_size 8) with ``over`` replacing arguments."""
     g = torch.Generator().manual_seed(0)
@@ -52,6 +56,24 @@ def _states(lse_fill: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape).to(dtype)
+
+
+def _rope_config(device: str | None = None, **fields: Any) -> kvfuse.RopeConfig:
+    """RopeConfig(**fields) as a call of the bad-input runner (``device`` is not its)."""
+    return kvfuse.RopeConfig(**fields)
+
+
+def _mt(num_pages: int) -> torch.Tensor:
+    """A non-contiguous pool view (pages with rows and heads swapped)."""
+    return _t(num_pages, 2, 4, 8).transpose(1, 2)
+
+
+def _overlapping_views() -> Call:
+    """copy_pages where each dst pool is a contiguous view into its src pool's buffer, 3
+    pages later: dst page 1 is src page 4."""
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(9, 4, 2, 8, generator=g), torch.randn(9, 4, 2, 8, generator=g)
+    return kvfuse.copy_pages, (k[:6], v[:6], _i(4), k[3:], v[3:], _i(1)), {}
 
 
 def _catalogue() -> dict[str, tuple[Callable[[], Call], type[kvfuse.KvfuseError], str]]:
@@ -112,6 +134,14 @@ def _catalogue() -> dict[str, tuple[Callable[[], Call], type[kvfuse.KvfuseError]
         ),
         "fusion_attention/softcap-negative": (lambda: fa(softcap=-1.0), E.InvalidValueError, "softcap"),
         "fusion_attention/sm-scale-zero": (lambda: fa(sm_scale=0.0), E.InvalidValueError, "sm_scale"),
+        "fusion_attention/softcap-inf": (lambda: fa(softcap=math.inf), E.InvalidValueError, "softcap"),
+        "fusion_attention/sm-scale-nan": (lambda: fa(sm_scale=math.nan), E.InvalidValueError, "sm_scale"),
+        "fusion_attention/sm-scale-inf": (lambda: fa(sm_scale=math.inf), E.InvalidValueError, "sm_scale"),
+        "fusion_attention/rope-theta-inf": (
+            lambda: (_rope_config, (), {"theta": math.inf}),
+            E.InvalidValueError,
+            "rope.theta",
+        ),
         "fusion_attention/window-float": (lambda: fa(window_left=1.5), E.InvalidValueError, "window_left"),
         "fusion_attention/rope-odd-dim": (lambda: fa(rope=rope(rotary_dim=7)), E.InvalidValueError, "rope.rotary_dim"),
         "fusion_attention/rope-q-past-table": (lambda: fa(rope=rope(max_position=46)), E.IndexRangeError, "q_pos"),
@@ -207,6 +237,31 @@ def _catalogue() -> dict[str, tuple[Callable[[], Call], type[kvfuse.KvfuseError]
             lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk, dv, _i(3)), {}),
             E.IndexRangeError,
             "dst_ids",
+        ),
+        "copy_pages/views-overlap": (  # page 1 of the dst view is page 4 of the src view
+            _overlapping_views,
+            E.IndexRangeError,
+            "dst_ids",
+        ),
+        "copy_pages/dst-k-is-dst-v": (
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), dk, dk, _i(1)), {}),
+            E.InvalidValueError,
+            "dst_v",
+        ),
+        "copy_pages/dst-non-contiguous": (
+            lambda: (kvfuse.copy_pages, (kp, vp, _i(0), _mt(3), dv, _i(1)), {}),
+            E.ShapeError,
+            "dst_k",
+        ),
+        "append_kv/pool-non-contiguous": (
+            lambda: (kvfuse.append_kv, (_t(2, 2, 8), _t(2, 2, 8), kp, _mt(6), _s(3, 4)), {}),
+            E.ShapeError,
+            "v_pages",
+        ),
+        "scatter_pages/pool-non-contiguous": (
+            lambda: (kvfuse.scatter_pages, (_t(1, 4, 2, 8), _t(1, 4, 2, 8), kp, _mt(6), _i(1)), {}),
+            E.ShapeError,
+            "v_pages",
         ),
         "copy_pages/same-pool-overlap": (
             lambda: (kvfuse.copy_pages, (kp, vp, _i(0, 1), kp, vp, _i(1, 2)), {}),

@@ -20,7 +20,7 @@ PROFILES = ("smoke", "standard", "full")
 class Case:
     id: str
     op: str
-    kind: str  # "value" | "invariant" | "bad_input" | "unsupported_probe"
+    kind: str  # "value" | "invariant" | "bad_input" | "layout"
     params: dict[str, Any] = field(hash=False)
     tolerance: str  # "fp32" | "fp16" | "bf16" | "exact"
     profiles: frozenset[str]
@@ -240,6 +240,21 @@ def _other_cases() -> Iterator[Case]:
                 "exact",
                 frozenset(both),
             )
+    # pools on the host and on the device's own memory, both ways (devices whose reach
+    # lacks the host: not applicable, and they must refuse the call)
+    for pools in ("host-host", "host-device", "device-host"):
+        for nb in (False, True):
+            p = {"dtype": "bf16", "page_size": 16, "num_kv_heads": 2, "head_dim": 64, "num_pages": 48}
+            tag = f"{pools}{'/non-blocking' if nb else ''}"
+            profiles = frozenset({"smoke", *both} if pools == "host-host" and not nb else both)
+            yield Case(
+                f"copy_pages/bf16/p16/{tag}",
+                "copy_pages",
+                "value",
+                {**p, "pools": pools, "non_blocking": nb},
+                "exact",
+                profiles,
+            )
     for op in ("append_kv", "gather_pages", "scatter_pages", "copy_pages"):
         p = {"dtype": "bf16", "page_size": 1, "num_kv_heads": 1, "head_dim": 8, "num_pages": 40000}
         yield Case(f"{op}/bf16/p1/pages40000", op, "value", p, "exact", frozenset(PROFILES))
@@ -248,8 +263,9 @@ def _other_cases() -> Iterator[Case]:
 def all_cases() -> list[Case]:
     """Every case of every profile, in a stable order. Duplicate ids are an error."""
     from kvfuse.conformance._badinput import bad_input_cases
+    from kvfuse.conformance._layout import layout_cases
 
-    cases = [*_fusion_attention_cases(), *_other_cases(), *bad_input_cases()]
+    cases = [*_fusion_attention_cases(), *_other_cases(), *bad_input_cases(), *layout_cases()]
     seen: set[str] = set()
     for case in cases:
         if case.id in seen:

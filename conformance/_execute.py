@@ -242,7 +242,11 @@ def _move_case(
         check, ref, outputs = _moves.check_copy_pages, _moves.copy_pages_reference, (3, 4)
     kwargs = {"non_blocking": bool(p.get("non_blocking"))} if op == "copy_pages" else {}
     ref_args = tuple(a.clone() for a in dev_args)
-    dev_args = place(dev_args, tdev)
+    if op == "copy_pages" and p.get("pools"):  # "host-host", "host-device", "device-host"
+        src, dst = (torch.device("cpu") if side == "host" else tdev for side in p["pools"].split("-"))
+        dev_args = (*place(dev_args[:3], src), *place(dev_args[3:], dst))
+    else:
+        dev_args = place(dev_args, tdev)
     req = check(*dev_args, **kwargs)  # type: ignore[operator]
     public = getattr(kvfuse, op)
     missing = _gate(device, [req], lambda: public(*(a.clone() for a in dev_args), device=device, **kwargs))
@@ -280,6 +284,7 @@ def execute(case: Case, device: str, suite_seed: int = 0, torch_device: str | to
     and the results copied back and compared on the host. Never raises for a device's
     misbehaviour: wrong values, wrong errors and vendor exceptions are a ``failed`` outcome."""
     from kvfuse.conformance._badinput import run_bad_input
+    from kvfuse.conformance._layout import run_layout
 
     start = time.perf_counter()
     errs: list[tuple[float, float]] = []
@@ -289,6 +294,8 @@ def execute(case: Case, device: str, suite_seed: int = 0, torch_device: str | to
         if case.kind == "bad_input":
             run_bad_input(case, device, tdev)
             missing = None
+        elif case.kind == "layout":
+            missing = run_layout(case, device, tdev)
         else:
             missing = _VALUE[case.op](case, device, tdev, case.seed(suite_seed), errs)
         status, message = ("not_applicable", f"missing capability {missing}") if missing else ("passed", "")

@@ -20,6 +20,10 @@ Dimension glossary (used in every docstring):
 
 Index tensors are int32, except ``slot_mapping`` (int64). Float tensors of one call share
 one dtype (fp32, fp16 or bf16); lse is always fp32, natural log.
+
+Layout: pools (``k_pages``/``v_pages`` and the pools of moves) must be contiguous and are
+rejected otherwise; every other tensor argument may be any strided view, and devices
+receive its contiguous copy, so a view gives exactly the result of its contiguous copy.
 """
 
 from __future__ import annotations
@@ -108,12 +112,12 @@ def fusion_attention(
         req,
         q.device,
         device,
-        q,
-        q_indptr,
-        q_pos,
+        q.contiguous(),
+        q_indptr.contiguous(),
+        q_pos.contiguous(),
         k_pages,
         v_pages,
-        segments,
+        segments.contiguous(),
         causal=causal,
         sm_scale=scale,
         softcap=float(softcap),
@@ -139,7 +143,8 @@ def merge_states(
         lse: [num_q_tokens, num_q_heads], fp32
     """
     req = _merge.check_merge_states(states)
-    result: tuple[torch.Tensor, torch.Tensor] = _run("merge_states", req, states[0][0].device, device, states)
+    dense = [(o.contiguous(), lse.contiguous()) for o, lse in states]
+    result: tuple[torch.Tensor, torch.Tensor] = _run("merge_states", req, states[0][0].device, device, dense)
     return result
 
 
@@ -162,7 +167,9 @@ def rope_rerotate(
         k': [num_tokens, num_kv_heads, head_dim], k.dtype — rotated at new_pos
     """
     req = _rope.check_rope_rerotate(k, old_pos, new_pos, rope)
-    result: torch.Tensor = _run("rope_rerotate", req, k.device, device, k, old_pos, new_pos, rope)
+    result: torch.Tensor = _run(
+        "rope_rerotate", req, k.device, device, k.contiguous(), old_pos.contiguous(), new_pos.contiguous(), rope
+    )
     return result
 
 
@@ -188,7 +195,10 @@ def blend_select(
         indices: [n], int64, ascending
     """
     req, count = _blend.check_blend_select(k_stored, k_fresh, ratio, always)
-    result: torch.Tensor = _run("blend_select", req, k_stored.device, device, k_stored, k_fresh, count, always)
+    dense = always.contiguous() if always is not None else None
+    result: torch.Tensor = _run(
+        "blend_select", req, k_stored.device, device, k_stored.contiguous(), k_fresh.contiguous(), count, dense
+    )
     return result
 
 
@@ -212,7 +222,17 @@ def append_kv(
         slot_mapping: [num_tokens], int64 — unique among non-negative values
     """
     req = _moves.check_append_kv(k, v, k_pages, v_pages, slot_mapping)
-    _run("append_kv", req, k_pages.device, device, k, v, k_pages, v_pages, slot_mapping)
+    _run(
+        "append_kv",
+        req,
+        k_pages.device,
+        device,
+        k.contiguous(),
+        v.contiguous(),
+        k_pages,
+        v_pages,
+        slot_mapping.contiguous(),
+    )
 
 
 def gather_pages(
@@ -231,7 +251,7 @@ def gather_pages(
     """
     req = _moves.check_gather_pages(k_pages, v_pages, page_ids)
     result: tuple[torch.Tensor, torch.Tensor] = _run(
-        "gather_pages", req, k_pages.device, device, k_pages, v_pages, page_ids
+        "gather_pages", req, k_pages.device, device, k_pages, v_pages, page_ids.contiguous()
     )
     return result
 
@@ -255,7 +275,17 @@ def scatter_pages(
         page_ids: [n], int32
     """
     req = _moves.check_scatter_pages(k_buf, v_buf, k_pages, v_pages, page_ids)
-    _run("scatter_pages", req, k_pages.device, device, k_buf, v_buf, k_pages, v_pages, page_ids)
+    _run(
+        "scatter_pages",
+        req,
+        k_pages.device,
+        device,
+        k_buf.contiguous(),
+        v_buf.contiguous(),
+        k_pages,
+        v_pages,
+        page_ids.contiguous(),
+    )
 
 
 def copy_pages(
@@ -288,6 +318,16 @@ def copy_pages(
     req = _moves.check_copy_pages(src_k, src_v, src_ids, dst_k, dst_v, dst_ids, non_blocking=non_blocking)
     primary = dst_k.device if src_k.device.type == "cpu" else src_k.device
     result: TransferHandle = _run(
-        "copy_pages", req, primary, device, src_k, src_v, src_ids, dst_k, dst_v, dst_ids, non_blocking=non_blocking
+        "copy_pages",
+        req,
+        primary,
+        device,
+        src_k,
+        src_v,
+        src_ids.contiguous(),
+        dst_k,
+        dst_v,
+        dst_ids.contiguous(),
+        non_blocking=non_blocking,
     )
     return result

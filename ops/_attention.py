@@ -18,16 +18,19 @@ from kvfuse.ops._segments import SegmentTable
 POOL_LAYOUT = ["num_pages", "page_size", "num_kv_heads", "head_dim"]
 
 
-def check_pool(k_pages: object, v_pages: object, prefix: str = "") -> tuple[int, int, int, int]:
-    """``k_pages``/``v_pages`` form a valid pool; returns its geometry
-    ``(num_pages, page_size, num_kv_heads, head_dim)``."""
-    k = check.shape(f"{prefix}k_pages", k_pages, POOL_LAYOUT)
-    v = check.shape(f"{prefix}v_pages", v_pages, POOL_LAYOUT, tuple(k.shape))
-    check.floating(f"{prefix}k_pages", k)
-    check.same_dtype(f"{prefix}v_pages", v, f"{prefix}k_pages", k)
-    check.on_device(f"{prefix}v_pages", v, k.device, f"{prefix}k_pages")
-    check.contiguous(f"{prefix}k_pages", k)
-    check.contiguous(f"{prefix}v_pages", v)
+def check_pool(
+    k_pages: object, v_pages: object, names: tuple[str, str] = ("k_pages", "v_pages")
+) -> tuple[int, int, int, int]:
+    """``k_pages``/``v_pages`` (arguments ``names``) form a valid contiguous pool; returns
+    its geometry ``(num_pages, page_size, num_kv_heads, head_dim)``."""
+    kn, vn = names
+    k = check.shape(kn, k_pages, POOL_LAYOUT)
+    v = check.shape(vn, v_pages, POOL_LAYOUT, tuple(k.shape))
+    check.floating(kn, k)
+    check.same_dtype(vn, v, kn, k)
+    check.on_device(vn, v, k.device, kn)
+    check.contiguous(kn, k)
+    check.contiguous(vn, v)
     num_pages, page_size, heads, head_dim = k.shape
     return num_pages, page_size, heads, head_dim
 

@@ -3,6 +3,7 @@ argument, the expectation and what was received. None of them writes anything.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -103,11 +104,13 @@ def non_decreasing(name: str, values: torch.Tensor, first: int, last: int) -> No
 
 
 def number(name: str, x: object, *, lo: float | None = None, hi: float | None = None) -> float:
-    """A real number within ``[lo, hi]``."""
+    """A finite real number within ``[lo, hi]`` (NaN and ±inf are contract errors)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise InvalidValueError(name, "a number", type(x).__name__)
     value = float(x)
-    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+    if not math.isfinite(value):
+        raise InvalidValueError(name, "a finite number", value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise InvalidValueError(name, f"a number in {span}", value)
     return value

@@ -142,8 +142,29 @@ def scatter_pages_reference(
     v_pages[ids] = v_buf
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range a contiguous tensor occupies."""
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _page_clash(src: torch.Tensor, dst: torch.Tensor, s_ids: list[int], d_ids: list[int]) -> tuple[int, int] | None:
+    """A (src page, dst page) pair whose memory overlaps, if the two contiguous pools share
+    address space: decided by the byte ranges the pages occupy, not by storage identity, so
+    two views into one buffer at any offset are caught."""
+    if src.device != dst.device:
+        return None
+    (s0, s1), (d0, d1) = _span(src), _span(dst)
+    if s1 <= d0 or d1 <= s0:
+        return None
+    page = src[0].numel() * src.element_size()
+    sources = set(s_ids)
+    for j in d_ids:
+        off = d0 + j * page - s0  # byte offset of dst page j from src page 0
+        for i in {off // page, -(-off // page)}:  # the src pages it touches (one if aligned)
+            if i in sources:
+                return i, j
+    return None
 
 
 def check_copy_pages(
@@ -157,21 +178,31 @@ def check_copy_pages(
     non_blocking: bool,
 ) -> Requirement:
     """Validate a call; returns what it needs from a device (which torch devices it reaches)."""
-    src_pages, page_size, hkv, d = check_pool(src_k, src_v, "src_")
-    dst_pages = check_pool(dst_k, dst_v, "dst_")[0]
+    src_pages, page_size, hkv, d = check_pool(src_k, src_v, ("src_k", "src_v"))
+    dst_pages = check_pool(dst_k, dst_v, ("dst_k", "dst_v"))[0]
     check.shape("dst_k", dst_k, POOL_LAYOUT, [None, page_size, hkv, d])
     check.same_dtype("dst_k", dst_k, "src_k", src_k)
     s_ids = _ids("src_ids", src_ids, src_pages, src_k, unique=False)
     d_ids = _ids("dst_ids", dst_ids, dst_pages, dst_k, unique=True)
     if s_ids.shape[0] != d_ids.shape[0]:
         raise ShapeError("dst_ids", f"as many ids as src_ids ({s_ids.shape[0]})", f"{d_ids.shape[0]} ids")
-    for s_pool, d_pool in ((src_k, dst_k), (src_k, dst_v), (src_v, dst_k), (src_v, dst_v)):
-        if _same_storage(s_pool, d_pool):
-            overlap = set(check.host(s_ids).tolist()) & set(check.host(d_ids).tolist())
-            if overlap:
-                raise IndexRangeError(
-                    "dst_ids", "ids disjoint from src_ids (src and dst are one pool)", f"{min(overlap)} in both"
-                )
+    s_list, d_list = check.host(s_ids).tolist(), check.host(d_ids).tolist()
+    for s_name, s_pool, d_name, d_pool in (
+        ("src_k", src_k, "dst_k", dst_k),
+        ("src_k", src_k, "dst_v", dst_v),
+        ("src_v", src_v, "dst_k", dst_k),
+        ("src_v", src_v, "dst_v", dst_v),
+    ):
+        clash = _page_clash(s_pool, d_pool, s_list, d_list)
+        if clash is not None:
+            raise IndexRangeError(
+                "dst_ids",
+                "destination pages whose memory is disjoint from every source page",
+                f"{d_name} page {clash[1]} overlaps {s_name} page {clash[0]}",
+            )
+    (k0, k1), (v0, v1) = _span(dst_k), _span(dst_v)
+    if dst_k.device == dst_v.device and k0 < v1 and v0 < k1:
+        raise InvalidValueError("dst_v", "memory disjoint from dst_k", "an overlapping view")
     if not isinstance(non_blocking, bool):
         raise InvalidValueError("non_blocking", "a bool", type(non_blocking).__name__)
     return Requirement(

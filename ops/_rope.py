@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from kvfuse._device import Requirement, dtype_name
 from kvfuse._errors import InvalidValueError
 from kvfuse.ops import _checks as check
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class RopeConfig(BaseModel):
@@ -24,12 +24,22 @@ class RopeConfig(BaseModel):
     ``rotary_dim=None`` means the whole head_dim. Positions must be in ``[0, max_position)``.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     theta: float = Field(default=10000.0, gt=0)
     style: Literal["neox", "gptj"] = "neox"
     rotary_dim: int | None = Field(default=None, gt=0)
     max_position: int = Field(default=32768, gt=0)
+
+    def __init__(self, **data: Any) -> None:
+        """A bad field (a non-finite theta, an unknown style, ...) is an InvalidValueError
+        naming ``rope.<field>``."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "rope"
+            raise InvalidValueError(f"rope.{field}", err["msg"], err.get("input")) from None
 
     def dims(self, head_dim: int) -> int:
         """The rotary dim for ``head_dim``."""

@@ -81,6 +81,13 @@ class SegmentTable:
 
         return cls(i32(seg_indptr), i32(page_indptr), i32(page_indices), i32(seg_len), i32(seg_pos))
 
+    def contiguous(self) -> SegmentTable:
+        """The same table with every index tensor contiguous (itself if they all are)."""
+        fields = (self.seg_indptr, self.page_indptr, self.page_indices, self.seg_len, self.seg_pos)
+        if all(t.is_contiguous() for t in fields):
+            return self
+        return type(self)(*(t.contiguous() for t in fields))
+
     @property
     def batch(self) -> int:
         return int(self.seg_indptr.shape[0]) - 1

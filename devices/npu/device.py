@@ -38,6 +38,37 @@ from kvfuse.devices.npu.runtime import (
 from kvfuse.devices.npu.runtime import run as run_graph
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-npu-copy")
+SCORE_ELEMENTS = 1 << 24  # f32 score elements of one graph run (64 MiB); KVFUSE_NPU_SCORE_ELEMENTS
+
+
+def score_budget() -> int:
+    return max(1, int(os.environ.get("KVFUSE_NPU_SCORE_ELEMENTS", SCORE_ELEMENTS)))
+
+
+def attention_blocks(num_q: int, num_k: int, num_q_heads: int, budget: int) -> tuple[int, int]:
+    """Query and key block sizes of one request so that a graph run's score tensor
+    ``[num_q_heads, bq, bk]`` holds at most ``budget`` elements (where at least 16 keys
+    and 1 query fit). Decode (one query) takes all keys in one run up to the budget; long
+    prefills take 256-query blocks over as many keys as fit."""
+    bq = min(num_q, 256)
+    bk = min(num_k, max(16, budget // (num_q_heads * bq)))
+    bq = min(num_q, max(1, budget // (num_q_heads * bk)))
+    return bq, bk
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """(out, lse) ⊕= (part_out, part_lse): the merge_states rule, in place, in f32.
+
+    out, part_out: [n, num_q_heads, head_dim], fp32; lse, part_lse: [n, num_q_heads], fp32
+    """
+    top = torch.maximum(lse, part_lse)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w_old, w_new = torch.exp(lse - top), torch.exp(part_lse - top)
+    total = w_old + w_new
+    seen = total > 0
+    safe = torch.where(seen, total, torch.ones_like(total))
+    out.mul_((w_old / safe)[..., None]).add_(part_out * (w_new / safe)[..., None])
+    lse.copy_(torch.where(seen, top + torch.log(safe), torch.full_like(top, float("-inf"))))
 
 
 class NpuDevice(Device):
@@ -149,21 +180,31 @@ class NpuDevice(Device):
         lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
         qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
         q_pos64 = q_pos.to(torch.int64)
+        budget = score_budget()
         with self._ort("fusion_attention"):
             sess = self.sessions.get(("attention", sig), lambda: attention.attention_graph(sig))
             for b in range(segments.batch):
                 q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
                 if q1 == q0 or k1 == k0:
                     continue
-                inputs = {
-                    "q": q[q0:q1],
-                    "k": keys[k0:k1],
-                    "v": values[k0:k1],
-                    "q_pos": q_pos64[q0:q1],
-                    "k_pos": flat.k_pos[k0:k1],
-                    **scalars,
-                }
-                run_graph(sess, inputs, {"out": out[q0:q1], "lse": lse[q0:q1]})
+                bq, bk = attention_blocks(q1 - q0, k1 - k0, hq, budget)
+                for qs in range(q0, q1, bq):
+                    qe = min(q1, qs + bq)
+                    qp = q_pos64[qs:qe]
+                    lo, hi = int(qp.min()), int(qp.max())
+                    for ks in range(k0, k1, bk):
+                        ke = min(k1, ks + bk)
+                        kp = flat.k_pos[ks:ke]
+                        if (causal and int(kp.min()) > hi) or (window_left >= 0 and lo - int(kp.max()) > window_left):
+                            continue  # no query of this block sees any key of that one
+                        inputs = {"q": q[qs:qe], "k": keys[ks:ke], "v": values[ks:ke], "q_pos": qp, "k_pos": kp}
+                        if bk >= k1 - k0:  # one key block: straight into the result
+                            run_graph(sess, {**inputs, **scalars}, {"out": out[qs:qe], "lse": lse[qs:qe]})
+                            continue
+                        part_out = torch.empty(qe - qs, hq, d, dtype=torch.float32)
+                        part_lse = torch.empty(qe - qs, hq, dtype=torch.float32)
+                        run_graph(sess, {**inputs, **scalars}, {"out": part_out, "lse": part_lse})
+                        _merge_into(out[qs:qe], lse[qs:qe], part_out, part_lse)
         return out.to(q.dtype), lse
 
     def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

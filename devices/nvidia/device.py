@@ -291,6 +291,10 @@ class NvidiaDevice(Device):
         if non_blocking and _interpreting():
             raise UnsupportedError(self.name, "copy_pages", "copy_pages.non_blocking")  # no streams without CUDA
         ids = dst_ids.tolist()
+        if src_k.device.type == dst_k.device.type == "cpu" and not _interpreting():
+            for src, dst in ((src_k, dst_k), (src_v, dst_v)):  # host ↔ host: no kernel, a host copy
+                dst.index_copy_(0, dst_ids.long(), src.index_select(0, src_ids.long()))
+            return TransferHandle(ids)
         if src_k.device == dst_k.device:  # one device: the page-move kernel, in place
             s, d = src_ids.to(src_k.device), dst_ids.to(dst_k.device)
             self._move(src_k, dst_k, s, d)

@@ -156,3 +156,33 @@ def test_unproven_providers_write_through_torch(npu: NpuDevice, monkeypatch: pyt
 
     monkeypatch.setattr(moves, "ALIASING_PROVEN", frozenset())
     assert not npu.writes_in_place()
+
+
+def test_attention_blocks_bound_the_score_tensor() -> None:
+    from kvfuse.devices.npu.device import SCORE_ELEMENTS, attention_blocks
+
+    bq, bk = attention_blocks(32768, 32768, 32, SCORE_ELEMENTS)  # a 32k prefill, 32 q heads
+    assert 32 * bq * bk <= SCORE_ELEMENTS and bq >= 64 and bk >= 256
+    assert attention_blocks(1, 32768, 32, SCORE_ELEMENTS) == (1, 32768)  # decode: one run
+    assert attention_blocks(5, 40, 8, SCORE_ELEMENTS) == (5, 40)  # small calls: one run
+    bq, bk = attention_blocks(100, 1000, 4, 64)  # the floor: 16 keys, 1 query
+    assert (bq, bk) == (1, 16)
+
+
+@pytest.mark.parametrize(
+    "case_id",
+    [
+        "fusion_attention/fp32/hd128/gqa4/p16/seg3-gapped/all-features",
+        "fusion_attention/fp32/hd128/gqa4/p16/seg3-gapped/masked-rows",
+        "fusion_attention/fp32/hd80/gqa7/p64/batch2/causal",
+        "fusion_attention/bf16/hd128/gqa4/p16/stored2048-live129/rope-neox",
+    ],
+)
+def test_blocked_attention_matches_the_reference(case_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a tiny score budget every call runs as many query × key blocks merged by their
+    lse; it must still pass the conformance case at the contract's tolerance."""
+    from kvfuse.conformance import execute, get_case
+
+    monkeypatch.setenv("KVFUSE_NPU_SCORE_ELEMENTS", "64")
+    outcome = execute(get_case(case_id), "npu")
+    assert outcome.status == "passed", outcome.message
