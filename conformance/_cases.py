@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvfuse.ops._checks import TOLERANCES as CONTRACT_TOLERANCES
+
 PROFILES = ("smoke", "standard", "full")
 
 
@@ -30,13 +32,7 @@ class Case:
         return (zlib.crc32(self.id.encode()) + 1_000_003 * suite_seed) % 2**31
 
 
-TOLERANCES = {
-    # dtype → ((out atol, rtol), (lse atol, rtol)), CONTRACTS.md
-    "fp32": ((1e-5, 1e-5), (1e-5, 1e-5)),
-    "fp16": ((1e-2, 1e-3), (1e-3, 1e-3)),
-    "bf16": ((1.5e-2, 1e-2), (1e-3, 1e-2)),
-    "exact": ((0.0, 0.0), (0.0, 0.0)),
-}
+TOLERANCES = CONTRACT_TOLERANCES
 
 DTYPES = ("fp32", "fp16", "bf16")
 HEAD_DIMS = (64, 80, 128, 256)

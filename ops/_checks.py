@@ -18,6 +18,14 @@ from kvfuse._errors import (
 
 FLOAT_DTYPES = tuple(DTYPE_NAMES)
 
+# CONTRACTS.md "Tolerances": dtype → ((out atol, rtol), (lse atol, rtol)); moves are exact
+TOLERANCES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "fp32": ((1e-5, 1e-5), (1e-5, 1e-5)),
+    "fp16": ((1e-2, 1e-3), (1e-3, 1e-3)),
+    "bf16": ((1.5e-2, 1e-2), (1e-3, 1e-2)),
+    "exact": ((0.0, 0.0), (0.0, 0.0)),
+}
+
 
 def tensor(name: str, x: object) -> torch.Tensor:
     """``x`` itself if it is a tensor."""

@@ -176,7 +176,10 @@ class Device(abc.ABC):
 
     name: ClassVar[str]
     vendor: ClassVar[str]
-    api_version: ClassVar[str] = API_VERSION
+    api_version: ClassVar[str]
+    """The kvfuse device API this device was written against, e.g. ``"1.0"``: required,
+    written out (not ``kvfuse.API_VERSION``, which would always match). A major version
+    other than kvfuse's makes the plugin broken."""
     torch_device_type: ClassVar[str] = "cpu"
     priority: ClassVar[int] = 0
     """Higher wins when kvfuse picks a device automatically; the reference device is 0."""

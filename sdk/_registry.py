@@ -50,6 +50,27 @@ def _api_compatible(version: str) -> bool:
     return str(version).split(".")[0] == API_VERSION.split(".")[0]
 
 
+def _signature_problem(dev: Device, op: str) -> str | None:
+    """Whether the device's ``op`` method takes kvfuse's call: the contract's positional
+    parameters positionally and its keyword-only ones by name (``kvfuse.Device`` holds the
+    contract's signatures). None if it does; else what differs."""
+    import inspect
+
+    try:
+        got = inspect.signature(getattr(type(dev), op))
+        want = inspect.signature(getattr(Device, op))
+    except (TypeError, ValueError) as exc:
+        return f"device {dev.name!r}: cannot read the signature of {op}: {exc}"
+    params = list(want.parameters.values())[1:]
+    pos = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    kw = {p.name: p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    try:
+        got.bind(dev, *pos, **kw)
+    except TypeError as exc:
+        return f"device {dev.name!r}: {op}{got} does not take the contract's call {op}{want}: {exc}"
+    return None
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -127,6 +148,9 @@ class Registry:
         for dev in found:
             if not isinstance(dev, Device):
                 return f"kvfuse_devices returned {type(dev).__name__!s}, expected kvfuse.Device instances"
+            version = getattr(dev, "api_version", None)
+            if not isinstance(version, str):
+                return f"device {getattr(dev, 'name', '?')!r} declares no api_version (e.g. api_version = \"1.0\")"
             if not _api_compatible(dev.api_version):
                 return (
                     f"device {dev.name!r} declares api_version {dev.api_version!r}, "
@@ -141,6 +165,9 @@ class Registry:
             for op in caps.ops:
                 if getattr(type(dev), op) is getattr(Device, op):
                     return f"device {dev.name!r} declares {op} but does not implement it"
+                problem = _signature_problem(dev, op)
+                if problem:
+                    return problem
         return None
 
     def _record(self, name: str, reason: str, exc: BaseException | None) -> None:

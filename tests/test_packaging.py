@@ -66,3 +66,22 @@ def test_installed_wheel_runs_without_sources(wheel: Path, tmp_path: Path) -> No
     path, rows = json.loads(res.stdout)
     assert path.startswith(str(site))
     assert any(d["name"] == "reference" and d["available"] for d in rows["devices"])
+
+
+def test_readme_plugin_example_matches_the_example_plugin() -> None:
+    """The README's entry point, class header and hook are the example plugin's own lines."""
+    import re
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    plugin = root / "examples" / "vendor_plugin"
+    toml = re.search(r'```toml\n(\[project.entry-points."kvfuse.devices"\]\n.*?)```', readme, re.S)
+    assert toml and toml.group(1) in (plugin / "pyproject.toml").read_text()
+    code = re.search(r"```python\n# acme_kvfuse/device.py.*?```", readme, re.S)
+    assert code
+    device = (plugin / "acme_kvfuse" / "device.py").read_text()
+    init = (plugin / "acme_kvfuse" / "__init__.py").read_text()
+    header = code.group(0).split("\n\n")[0].splitlines()[2:]  # class line .. priority
+    assert "\n".join(header) in device
+    hook = code.group(0).split("# acme_kvfuse/__init__.py\n")[1].removesuffix("```").strip()
+    assert hook in init

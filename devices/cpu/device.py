@@ -52,6 +52,7 @@ def _ov_input(t: torch.Tensor) -> object:
 class CpuDevice(Device):
     name = "cpu"
     vendor = "Intel/x86 (OpenVINO CPU plugin)"
+    api_version = "1.0"
     torch_device_type = "cpu"
     priority = 10
 

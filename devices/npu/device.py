@@ -74,6 +74,7 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, pa
 class NpuDevice(Device):
     name = "npu"
     vendor = "Domestic NPUs via ONNX Runtime (CANN where installed)"
+    api_version = "1.0"
     torch_device_type = "cpu"
     priority = 5
 

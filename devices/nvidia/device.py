@@ -64,6 +64,7 @@ class CudaTransfer(TransferHandle):
 class NvidiaDevice(Device):
     name = "nvidia"
     vendor = "NVIDIA (Triton + torch CUDA)"
+    api_version = "1.0"
     priority = 20
 
     def __init__(self) -> None:

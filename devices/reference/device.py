@@ -16,6 +16,7 @@ _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefi
 class ReferenceDevice(Device):
     name = "reference"
     vendor = "kvfuse (pure torch)"
+    api_version = "1.0"
     torch_device_type = "cpu"
     priority = 0
 

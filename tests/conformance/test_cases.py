@@ -23,7 +23,7 @@ def test_profiles_cover_the_grid() -> None:
     assert len(standard) >= 200
     ops = collections.Counter(c.op for c in standard)
     assert set(ops) == set(OP_NAMES)
-    attn = [c.params for c in standard if c.op == "fusion_attention" and c.kind != "bad_input"]
+    attn = [c.params for c in standard if c.op == "fusion_attention" and c.kind in ("value", "invariant")]
     assert {p["dtype"] for p in attn} == {"fp32", "fp16", "bf16"}
     assert {p["head_dim"] for p in attn} == {64, 80, 128, 256}
     assert {1, 4, 7} <= {p["group"] for p in attn}
@@ -34,6 +34,10 @@ def test_profiles_cover_the_grid() -> None:
     assert any(p.get("pool_pages", 0) >= 32768 for p in attn)
     assert {p.get("invariant") for p in attn} >= {"split-merge", "segment-order"}
     assert sum(c.kind == "bad_input" for c in standard) >= 40
+    layout = {(c.op, c.params["arg"]) for c in standard if c.kind == "layout"}
+    assert {op for op, _ in layout} == set(OP_NAMES) and ("fusion_attention", "q_pos") in layout
+    copies = {c.params.get("pools") for c in standard if c.op == "copy_pages"}
+    assert {"host-host", "host-device", "device-host"} <= copies
 
 
 def test_unknown_profile() -> None:

@@ -6,7 +6,6 @@ import math
 import os
 
 import kvfuse
-import torch
 from kvfuse.devices.reference.device import ReferenceDevice
 
 
@@ -57,7 +56,8 @@ class Hangs(ReferenceDevice):
 
 
 class NarrowLiar(ReferenceDevice):
-    """Declares fp32-only attention but silently computes other dtypes too."""
+    """Declares fp32-only attention but would silently compute other dtypes too (kvfuse's
+    derived refusal means it is never asked to)."""
 
     name = "wrong-caps"
 
@@ -69,14 +69,9 @@ class NarrowLiar(ReferenceDevice):
 
 
 class NarrowHonest(NarrowLiar):
-    """The same declaration, refusing what it does not declare."""
+    """The same declaration, without an implementation that could compute other dtypes."""
 
     name = "narrow-honest"
-
-    def fusion_attention(self, q, *args, **kw):  # type: ignore[no-untyped-def]
-        if q.dtype != torch.float32:
-            raise kvfuse.UnsupportedError(self.name, "fusion_attention", f"fusion_attention.dtype={q.dtype}")
-        return super().fusion_attention(q, *args, **kw)
 
 
 @kvfuse.hookimpl

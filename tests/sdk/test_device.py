@@ -10,7 +10,7 @@ from kvfuse._registry import Registry
 
 
 class Flaky(kvfuse.Device):
-    name, vendor = "flaky", "Acme"
+    name, vendor, api_version = "flaky", "Acme", "1.0"
 
     def probe(self) -> kvfuse.Availability:
         return kvfuse.Availability(available=True)

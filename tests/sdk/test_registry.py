@@ -62,6 +62,7 @@ PLUGINS = {
         class Lazy(kvfuse.Device):
             name = "lazy"
             vendor = "Acme"
+            api_version = "1.0"
             def probe(self):
                 return kvfuse.Availability(available=True)
             def capabilities(self):
@@ -72,6 +73,33 @@ PLUGINS = {
             return [Lazy()]
     """,
     "exiting_plugin": "import sys\nsys.exit(3)\n",
+    "no_api_plugin": """
+        import kvfuse
+
+        class Unversioned(kvfuse.Device):
+            name, vendor = "unversioned", "Acme"
+            def probe(self):
+                return kvfuse.Availability(available=True)
+            def capabilities(self):
+                return kvfuse.Capabilities()
+
+        @kvfuse.hookimpl
+        def kvfuse_devices():
+            return [Unversioned()]
+    """,
+    "bad_signature_plugin": """
+        import kvfuse
+        from kvfuse.devices.reference.device import ReferenceDevice
+
+        class Renamed(ReferenceDevice):
+            name = "renamed"
+            def copy_pages(self, src_k, src_v, src_ids, dst_k, dst_v, dst_ids, blocking=True):
+                return super().copy_pages(src_k, src_v, src_ids, dst_k, dst_v, dst_ids, non_blocking=not blocking)
+
+        @kvfuse.hookimpl
+        def kvfuse_devices():
+            return [Renamed()]
+    """,
     "caps_raise_plugin": """
         import kvfuse
         from kvfuse.devices.reference.device import ReferenceDevice
@@ -113,6 +141,8 @@ BROKEN = {
     "not_a_device": "expected kvfuse.Device",
     "undeclared_impl": "declares merge_states but does not implement it",
     "exiting": "SystemExit",
+    "no_api": "declares no api_version",
+    "bad_signature": "copy_pages(self, src_k, src_v, src_ids, dst_k, dst_v, dst_ids, blocking=True) does not take",
     "caps_raise": "capabilities() raised RuntimeError: firmware too old",
 }
 
@@ -187,7 +217,7 @@ def test_selection_by_priority_capability_and_env(on_path: Path, monkeypatch: py
 
 def test_unsupported_names_missing_capability() -> None:
     class Narrow(kvfuse.Device):
-        name, vendor = "narrow", "Acme"
+        name, vendor, api_version = "narrow", "Acme", "1.0"
 
         def probe(self) -> kvfuse.Availability:
             return kvfuse.Availability(available=True)

@@ -1,5 +1,8 @@
 """AcmeDevice: the contract ops in plain torch, with a deliberately narrow declaration
-(fp32/fp16, no softcap, blocking copies only, no rope_rerotate or blend_select)."""
+(fp32/fp16, no softcap, blocking copies only, no rope_rerotate or blend_select).
+
+kvfuse never calls an op with what ``capabilities()`` does not declare (it raises
+``UnsupportedError`` itself), so the methods below need no refusal code."""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ import kvfuse
 import torch
 
 DTYPES = frozenset({"fp32", "fp16"})
-_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class AcmeDevice(kvfuse.Device):
     name = "acme"
     vendor = "Acme Semiconductor (example)"
+    api_version = "1.0"
     torch_device_type = "cpu"
     priority = 1
 
@@ -31,29 +34,21 @@ class AcmeDevice(kvfuse.Device):
             ops[op] = kvfuse.OpCapability(dtypes=DTYPES)
         return kvfuse.Capabilities(ops=ops, reach=frozenset({"cpu"}))
 
-    def _refuse(self, op: str, dtype: torch.dtype, feature: str | None = None) -> None:
-        """Refuse what is not declared: the conformance suite probes for it."""
-        if _NAMES.get(dtype) not in DTYPES:
-            raise kvfuse.UnsupportedError(self.name, op, f"{op}.dtype={_NAMES.get(dtype, dtype)}")
-        if feature:
-            raise kvfuse.UnsupportedError(self.name, op, f"{op}.{feature}")
-
     def fusion_attention(
         self,
-        q,
-        q_indptr,
-        q_pos,
-        k_pages,
-        v_pages,
-        segments,
-        *,  # type: ignore[no-untyped-def]
-        causal,
-        sm_scale,
-        softcap,
-        window_left,
-        rope,
-    ):
-        self._refuse("fusion_attention", q.dtype, "softcap" if softcap > 0 else None)
+        q: torch.Tensor,
+        q_indptr: torch.Tensor,
+        q_pos: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        segments: kvfuse.SegmentTable,
+        *,
+        causal: bool,
+        sm_scale: float,
+        softcap: float,
+        window_left: int,
+        rope: kvfuse.RopeConfig | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         num_q, hq, d = q.shape
         _, page_size, hkv, _ = k_pages.shape
         flat = segments.flatten(page_size)
@@ -87,34 +82,50 @@ class AcmeDevice(kvfuse.Device):
             lse[q0:q1] = row.transpose(0, 1)
         return out.to(q.dtype), lse
 
-    def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]):  # type: ignore[no-untyped-def]
-        self._refuse("merge_states", states[0][0].dtype)
+    def merge_states(self, states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         lses = torch.stack([lse for _, lse in states])
         lse = torch.logsumexp(lses, 0)
         w = torch.exp(lses - lse).nan_to_num(0.0)
         out = sum(w[i][..., None] * o.float() for i, (o, _) in enumerate(states))
         return torch.as_tensor(out).to(states[0][0].dtype), lse
 
-    def append_kv(self, k, v, k_pages, v_pages, slot_mapping):  # type: ignore[no-untyped-def]
-        self._refuse("append_kv", k.dtype)
+    def append_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         keep = slot_mapping >= 0
         flat_k = k_pages.view(-1, *k_pages.shape[2:])
         flat_v = v_pages.view(-1, *v_pages.shape[2:])
         flat_k.index_copy_(0, slot_mapping[keep], k[keep])
         flat_v.index_copy_(0, slot_mapping[keep], v[keep])
 
-    def gather_pages(self, k_pages, v_pages, page_ids):  # type: ignore[no-untyped-def]
-        self._refuse("gather_pages", k_pages.dtype)
+    def gather_pages(
+        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = page_ids.long()
         return torch.index_select(k_pages, 0, ids), torch.index_select(v_pages, 0, ids)
 
-    def scatter_pages(self, k_buf, v_buf, k_pages, v_pages, page_ids):  # type: ignore[no-untyped-def]
-        self._refuse("scatter_pages", k_pages.dtype)
+    def scatter_pages(
+        self,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+    ) -> None:
         k_pages.index_copy_(0, page_ids.long(), k_buf)
         v_pages.index_copy_(0, page_ids.long(), v_buf)
 
-    def copy_pages(self, src_k, src_v, src_ids, dst_k, dst_v, dst_ids, *, non_blocking):  # type: ignore[no-untyped-def]
-        self._refuse("copy_pages", src_k.dtype, "non_blocking" if non_blocking else None)
+    def copy_pages(
+        self,
+        src_k: torch.Tensor,
+        src_v: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst_k: torch.Tensor,
+        dst_v: torch.Tensor,
+        dst_ids: torch.Tensor,
+        *,
+        non_blocking: bool,
+    ) -> kvfuse.TransferHandle:
         dst_k.index_copy_(0, dst_ids.long(), torch.index_select(src_k, 0, src_ids.long()))
         dst_v.index_copy_(0, dst_ids.long(), torch.index_select(src_v, 0, src_ids.long()))
         return kvfuse.TransferHandle(dst_ids.tolist())
