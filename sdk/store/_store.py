@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from kvfuse._errors import StoreError
 from kvfuse.store._auth import load_mac_key
-from kvfuse.store._disk import DiskTier
+from kvfuse.store._disk import DiskTier, check_key
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import KVPool
 from kvfuse.store._remote import RemoteTier
@@ -301,6 +301,9 @@ class TieredStore:
         k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the namespace's dtype
         (un-rotated keys)
         """
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise StoreError(f"chunk KV must be torch tensors, got {type(k).__name__} and {type(v).__name__}")
+        check_key(key)
         want = self.namespace.chunk_shape(k.shape[1]) if k.dim() == 4 else None
         if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != self.namespace.torch_dtype:
             raise StoreError(
@@ -332,6 +335,7 @@ class TieredStore:
         ``append_kv`` during prefill), to the store. Returns the pages that hold the chunk
         from now on: ``pages``, or, if the chunk is already on the device, the stored copy's
         (``pages`` are then given back). With ``holder``, the chunk is pinned for it."""
+        check_key(key)
         with self._lock:
             need = self.pool.pages_for(num_tokens)
             if len(pages) != need or any(p not in self._lent for p in pages) or len(set(pages)) != need:

@@ -233,3 +233,17 @@ def test_release_and_unhold_of_what_is_not_held_change_nothing() -> None:
     with pytest.raises(kvfuse.StoreError, match="not lent"):
         store.release(pages)  # twice
     assert store.audit()["lent"] == []
+
+
+def test_malformed_puts_are_store_errors_and_change_nothing() -> None:
+    store = _store()
+    k, v = chunk(1)
+    for args, match in (
+        (("a", k.float().numpy(), v), "torch tensors"),
+        (("a", k[0], v[0]), "num_layers, num_tokens"),
+        (("a", k.float(), v.float()), "bf16"),
+        (("../a", k, v), "chunk key"),
+    ):
+        with pytest.raises(kvfuse.StoreError, match=match):
+            store.put(*args)  # type: ignore[arg-type]
+    assert store.audit() == {"free": list(range(10)), "lent": []} and store.stats.puts == 0
