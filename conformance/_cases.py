@@ -94,6 +94,33 @@ def _lengths_layout(name: str) -> dict[str, Any]:
 
 
 ROPE = {"style": "neox", "theta": 10000.0, "rotary_dim": None, "max_position": 4096}
+
+
+def _llama3_inv_freq(rotary_dim: int, theta: float = 500000.0) -> list[float]:
+    """Llama 3.1's scaled frequencies (factor 8, low/high frequency factors 1 and 4,
+    original context 8192), rounded to fp32 as a model's table holds them."""
+    import math
+
+    import torch
+
+    base = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
+    factor, low, high, original = 8.0, 1.0, 4.0, 8192
+    out = []
+    for f in base.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < original / high:
+            out.append(f)
+        elif wavelen > original / low:
+            out.append(f / factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float32).tolist()
+
+
+# scaled RoPE is "just another table": an explicit fp32 inv_freq, and YaRN's mscale
+ROPE_LLAMA3 = {**ROPE, "theta": 500000.0, "inv_freq": _llama3_inv_freq(128)}
+ROPE_YARN = {**ROPE, "inv_freq": [f / 4 for f in _llama3_inv_freq(128, 10000.0)], "attention_scaling": 1.1386}
 FEATURES: dict[str, dict[str, Any]] = {
     "non-causal": {"causal": False},
     "window": {"window_left": 12},
@@ -101,6 +128,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "rope-neox": {"rope": ROPE},
     "rope-gptj-partial": {"rope": {**ROPE, "style": "gptj", "rotary_dim": 32, "theta": 500000.0}},
     "all-features": {"rope": ROPE, "softcap": 30.0, "window_left": 40},
+    "rope-llama3": {"rope": ROPE_LLAMA3},
+    "rope-yarn": {"rope": ROPE_YARN, "softcap": 20.0},
     "masked-rows": {"window_left": 2, "q": [[0, 5, 150, 301, 500]]},  # some queries see nothing
     # logits of real-model size (|s| up to ~40, peaked rows): scores rounded to 16 bits fail
     "large-logits": {"sm_scale": 1.0},
@@ -201,9 +230,17 @@ def _other_cases() -> Iterator[Case]:
                 dtype,
                 frozenset(({"smoke"} if n == 2 else set()) | set(both)),
             )
-        for style, rdim in (("neox", None), ("gptj", None), ("neox", 32)):
-            p = {"dtype": dtype, "head_dim": 64, "rope": {**ROPE, "style": style, "rotary_dim": rdim}}
-            tag = f"{style}" + (f"-r{rdim}" if rdim else "")
+        for style, rdim, scaled in (
+            ("neox", None, False),
+            ("gptj", None, False),
+            ("neox", 32, False),
+            ("neox", None, True),
+        ):
+            rope = {**ROPE, "style": style, "rotary_dim": rdim}
+            if scaled:  # a pure rotation: attention_scaling does not apply
+                rope |= {"inv_freq": [f / 2 for f in _llama3_inv_freq(64, 10000.0)], "attention_scaling": 1.2}
+            p = {"dtype": dtype, "head_dim": 64, "rope": rope}
+            tag = f"{style}" + (f"-r{rdim}" if rdim else "") + ("-yarn" if scaled else "")
             yield Case(
                 f"rope_rerotate/{dtype}/hd64/{tag}",
                 "rope_rerotate",

@@ -1,9 +1,11 @@
 """RoPE: the one fp32 table every device rotates with, and ``rope_rerotate``.
 
-``inv_freq = 1 / theta ** (arange(0, rotary_dim, 2) / rotary_dim)`` and
+``inv_freq = 1 / theta ** (arange(0, rotary_dim, 2) / rotary_dim)`` (or the explicit
+``RopeConfig.inv_freq`` of a scaled RoPE: llama3, linear, YaRN) and
 ``angle[p] = p * inv_freq``, all in fp32 exactly as HF transformers computes them;
-``cos_sin[p] = (cos(angle[p]), sin(angle[p]))``. ``neox`` pairs dims (i, i + rotary_dim/2),
-``gptj`` pairs (2i, 2i+1); dims >= rotary_dim are untouched.
+``cos_sin[p] = attention_scaling * (cos(angle[p]), sin(angle[p]))``. ``neox`` pairs dims
+(i, i + rotary_dim/2), ``gptj`` pairs (2i, 2i+1); dims >= rotary_dim are untouched.
+``rope_rerotate`` is a pure rotation: it uses the unscaled table.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class RopeConfig(BaseModel):
     style: Literal["neox", "gptj"] = "neox"
     rotary_dim: int | None = Field(default=None, gt=0)
     max_position: int = Field(default=32768, gt=0)
+    inv_freq: tuple[float, ...] | None = None
+    """fp32 frequencies, rotary_dim / 2 of them, used instead of the theta formula (a
+    scaled RoPE); values are taken as fp32 (a torch fp32 vector's ``tolist()`` is exact)."""
+    attention_scaling: float = Field(default=1.0, gt=0)
+    """Multiplies the table's cos and sin (YaRN's mscale), so q and k each carry it."""
 
     def __init__(self, **data: Any) -> None:
         """A bad field (a non-finite theta, an unknown style, ...) is an InvalidValueError
@@ -45,26 +52,47 @@ class RopeConfig(BaseModel):
         """The rotary dim for ``head_dim``."""
         return head_dim if self.rotary_dim is None else self.rotary_dim
 
-    def table(self, head_dim: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[max_position, rotary_dim // 2]`` fp32, cached per config.
+    def table(
+        self, head_dim: int, device: torch.device | str = "cpu", *, scaled: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[max_position, rotary_dim // 2]`` fp32, cached per config;
+        times ``attention_scaling`` unless ``scaled=False`` (the pure rotation).
 
         cos: [max_position, rotary_dim // 2], fp32
         sin: [max_position, rotary_dim // 2], fp32
         """
-        return _table(self.theta, self.dims(head_dim), self.max_position, str(torch.device(device)))
+        scale = self.attention_scaling if scaled else 1.0
+        return _table(
+            self.theta, self.dims(head_dim), self.max_position, str(torch.device(device)), self.inv_freq, scale
+        )
 
     def check(self, name: str, head_dim: int) -> None:
         """The config fits ``head_dim``."""
         r = self.dims(head_dim)
         if r % 2 or r > head_dim:
             raise InvalidValueError(f"{name}.rotary_dim", f"an even number <= head_dim ({head_dim})", r)
+        if self.inv_freq is not None and len(self.inv_freq) != r // 2:
+            raise InvalidValueError(f"{name}.inv_freq", f"rotary_dim / 2 = {r // 2} frequencies", len(self.inv_freq))
 
 
 @functools.lru_cache(maxsize=16)
-def _table(theta: float, rotary_dim: int, max_position: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
-    angle = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), inv_freq)
-    return angle.cos().to(device), angle.sin().to(device)
+def _table(
+    theta: float,
+    rotary_dim: int,
+    max_position: int,
+    device: str,
+    inv_freq: tuple[float, ...] | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if inv_freq is None:
+        freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
+    else:
+        freq = torch.tensor(inv_freq, dtype=torch.float32)
+    angle = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), freq)
+    cos, sin = angle.cos(), angle.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(device), sin.to(device)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -120,7 +148,7 @@ def rope_rerotate_reference(
 
     Returns: [num_tokens, num_kv_heads, head_dim], float64
     """
-    cos, sin = rope.table(k.shape[2], k.device)
+    cos, sin = rope.table(k.shape[2], k.device, scaled=False)
     old, new = old_pos.long(), new_pos.long()
     x = rotate(k.double(), cos[old], -sin[old], rope.style)
     return rotate(x, cos[new], sin[new], rope.style)

@@ -261,7 +261,7 @@ class CpuDevice(Device):
     def rope_rerotate(
         self, k: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, rope: RopeConfig
     ) -> torch.Tensor:
-        cos, sin = rope.table(k.shape[2])
+        cos, sin = rope.table(k.shape[2], scaled=False)
         old, new = old_pos.long(), new_pos.long()
         x = _rope.rotate(k.float(), cos[old], -sin[old], rope.style)
         return _rope.rotate(x, cos[new], sin[new], rope.style).to(k.dtype)

@@ -223,7 +223,7 @@ class NpuDevice(Device):
     ) -> torch.Tensor:
         d = k.shape[2]
         key = ("rerotate", elem_type(k.dtype), rope.style, rope.dims(d), d)
-        cos, sin = rope.table(d)
+        cos, sin = rope.table(d, scaled=False)
         out = torch.empty_like(k)
         with self._ort("rope_rerotate"):
             sess = self.sessions.get(key, lambda: attention.rerotate_graph(*key[1:]))  # type: ignore[arg-type]

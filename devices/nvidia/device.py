@@ -200,7 +200,7 @@ class NvidiaDevice(Device):
 
         k = k.contiguous()
         tokens, heads, d = k.shape
-        cos, sin = rope.table(d, k.device)
+        cos, sin = rope.table(d, k.device, scaled=False)
         out = torch.empty_like(k)
         block_t = 16
         if tokens:

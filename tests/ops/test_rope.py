@@ -49,3 +49,47 @@ def test_round_trip_is_identity() -> None:
     pos = torch.tensor([0, 3, 50, 99, 7], dtype=torch.int32)
     back = kvfuse.rope_rerotate(kvfuse.rope_rerotate(k, pos, pos.flip(0), rope), pos.flip(0), pos, rope)
     assert math.isclose(float((back - k).abs().max()), 0.0, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 2048},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ],
+    ids=lambda p: p["rope_type"],
+)
+def test_scaled_rope_is_hf_transformers_table(params: dict[str, object]) -> None:
+    """A scaled RoPE is "just another table": HF's inv_freq and attention_scaling in a
+    RopeConfig give HF's own cos/sin, bit for bit (the mscale included)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16384,
+        rope_parameters=params,
+    )
+    hf = LlamaRotaryEmbedding(cfg)
+    rope = kvfuse.RopeConfig(
+        theta=float(params["rope_theta"]),  # type: ignore[arg-type]
+        max_position=16384,
+        inv_freq=tuple(hf.inv_freq.tolist()),
+        attention_scaling=float(hf.attention_scaling),
+    )
+    pos = torch.tensor([0, 1, 777, 8191, 16383])
+    want_cos, want_sin = hf(torch.zeros(1, 5, 256), pos[None])
+    cos, sin = rope.table(128)
+    assert torch.equal(cos[pos], want_cos[0, :, :64]) and torch.equal(sin[pos], want_sin[0, :, :64])
+    plain_cos, _ = rope.table(128, scaled=False)
+    assert torch.allclose(plain_cos[pos] * hf.attention_scaling, cos[pos], rtol=1e-6)
