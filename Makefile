@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,cpu,npu,nvidia,rag,remote
+EXTRAS ?= dev,cpu,npu,nvidia,rag,remote,hf
 STAMP  := $(VENV)/.kvfuse-installed
 
 .PHONY: run test lint typecheck clean gpu-check gpu-wheels

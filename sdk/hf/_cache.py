@@ -1,0 +1,191 @@
+"""``PagedCache``: a transformers ``Cache`` whose KV lives in kvfuse pages, and the
+attention and mask functions ``enable`` registers.
+
+transformers calls, per layer: ``cache.update(k, v, layer_idx)`` then the registered
+attention function with the same k/v. ``update`` only counts tokens and marks itself
+active; the attention function appends the new k/v (un-rotated: ``enable`` makes HF's
+rotation the identity) into the pages with ``append_kv`` and attends with
+``fusion_attention``, which rotates q and every key in-kernel from the model's own RoPE
+table. The step's plan (slots, segment table, query positions) is made once, at the first
+layer, and reused by the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from kvfuse._errors import UnsupportedError
+from kvfuse.hf._paged import PagedRows, Step
+from kvfuse.ops import append_kv, fusion_attention
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_active = threading.local()  # the PagedCache whose update() ran last in this thread
+
+
+class _Layer(CacheLayerMixin):
+    """One layer's view of a PagedCache: counts the tokens fed (padding included, as
+    transformers' own caches do), so ``generate`` feeds exactly the uncached tokens."""
+
+    is_sliding = False
+
+    def __init__(self, owner: PagedCache, index: int) -> None:
+        super().__init__()
+        self.owner, self.index, self.seen = owner, index, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.seen += key_states.shape[-2]
+        _active.cache, _active.key = self.owner, key_states
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise UnsupportedError("hf", "PagedCache", "beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedError("hf", "PagedCache", "cache cropping (assisted decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UnsupportedError("hf", "PagedCache", "batch expansion (num_return_sequences / beams)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise UnsupportedError("hf", "PagedCache", "batch selection (contrastive search)")
+
+
+class PagedCache(Cache):
+    """KV of a ``generate`` (or forward) call in kvfuse pages, on the model's device and
+    dtype; it sizes itself to the batch and lengths it sees, growing its pools. Use it
+    once per generation; ``close()`` (or ``with``) gives its memory back.
+
+    Refuses what paged, position-tagged KV cannot do here: beam search, cache cropping,
+    batch expansion (each a kvfuse ``UnsupportedError``).
+    """
+
+    def __init__(self, model: Any, *, device: str | None = None) -> None:
+        from kvfuse.hf._enable import settings
+
+        self.settings = settings(model, device)
+        cfg = model.config
+        self._layers = [_Layer(self, i) for i in range(cfg.num_hidden_layers)]
+        super().__init__(layers=list(self._layers))
+        param = next(model.parameters())
+        self.rows = PagedRows(
+            cfg.num_hidden_layers, self.settings.num_kv_heads, self.settings.head_dim, param.dtype, param.device
+        )
+        self.plan: Step | None = None
+
+    def seen(self) -> int:
+        return self._layers[0].seen
+
+    def close(self) -> None:
+        self.rows.release()
+        self.rows.k, self.rows.v, self.rows.free = [], [], []
+        for layer in self._layers:
+            layer.reset()
+
+    def __enter__(self) -> PagedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _OneShot:
+    """A forward without a cache: one layer's rows, planned and dropped in one call."""
+
+    def __init__(self, settings: Any, key: torch.Tensor) -> None:
+        self.settings = settings
+        self.rows = PagedRows(1, key.shape[1], key.shape[3], key.dtype, key.device)
+        self.plan: Step | None = None
+        self.new = key.shape[2]
+
+    def seen(self) -> int:
+        return int(self.new)
+
+
+def mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The padding mask as transformers has it (2D, [batch, seen + new], True = real token);
+    kvfuse needs no materialised mask: causality and windows are by position."""
+    return attention_mask
+
+
+def attention_function(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one layer on kvfuse.
+
+    query: [batch, num_q_heads, num_new, head_dim]; key, value: [batch, num_kv_heads, num_new, head_dim]
+    attention_mask: [batch, seen + num_new], bool, or None
+    Returns attn_output: [batch, num_new, num_q_heads, head_dim]
+    """
+    batch, hq, num_new, d = query.shape
+    cache = getattr(_active, "cache", None)
+    state: PagedCache | _OneShot
+    if cache is None or getattr(_active, "key", None) is not key:  # no cache: this call's tokens alone
+        state, layer, new_step = _OneShot(module._kvfuse_settings, key), 0, True
+    else:
+        state, layer, new_step = cache, module.layer_idx, module.layer_idx == 0
+    _active.key = None
+    s = state.settings
+    if new_step or state.plan is None:
+        valid = torch.ones(batch, num_new, dtype=torch.bool, device=query.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -num_new:].to(torch.bool)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            start = state.seen() - num_new
+            positions = torch.arange(start, start + num_new, device=query.device)
+        state.plan = state.rows.step(valid, positions.expand(batch, num_new).long())
+    plan = state.plan
+    k_pages, v_pages = state.rows.k[layer], state.rows.v[layer]
+    k_new = key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)
+    v_new = value.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)
+    append_kv(k_new, v_new, k_pages, v_pages, plan.slots, device=s.device)
+    window = sliding_window if sliding_window is not None else s.sliding_window
+    out, _ = fusion_attention(
+        query.transpose(1, 2).reshape(batch * num_new, hq, d),
+        plan.q_indptr,
+        plan.q_pos,
+        k_pages,
+        v_pages,
+        plan.segments,
+        sm_scale=scaling,
+        softcap=float(softcap or 0.0),
+        window_left=window - 1 if window else -1,
+        rope=s.rope,
+        device=s.device,
+    )
+    return out.view(batch, num_new, hq, d), None

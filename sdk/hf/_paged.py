@@ -1,0 +1,125 @@
+"""Paged KV of a batch of rows, shared by every layer: each row is one segment of pages
+holding its real (non-padding) tokens at consecutive positions, un-rotated.
+
+``PagedRows.step`` plans one forward step once (which new tokens are real, where they go,
+the segment table, query positions) and every layer then runs ``append_kv`` +
+``fusion_attention`` with that plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kvfuse._errors import InvalidValueError
+from kvfuse.ops import SegmentTable
+
+PAGE_SIZE = 16
+
+
+@dataclass
+class Step:
+    """One forward step's plan, shared by every layer.
+
+    slots: [batch * num_new], int64 — pool slot of each new token, -1 for padding
+    q_indptr: [batch + 1], int32
+    q_pos: [batch * num_new], int32 — the new tokens' positions
+    """
+
+    slots: torch.Tensor
+    q_indptr: torch.Tensor
+    q_pos: torch.Tensor
+    segments: SegmentTable
+
+
+class PagedRows:
+    """Pages for ``batch`` rows in per-layer pools that grow (doubling) as rows grow.
+
+    k[layer], v[layer]: [num_pages, PAGE_SIZE, num_kv_heads, head_dim], the model's dtype
+    """
+
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.shape = (PAGE_SIZE, num_kv_heads, head_dim)
+        self.num_layers, self.dtype, self.device = num_layers, dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.free: list[int] = []
+        self.pages: list[list[int]] = []  # per row
+        self.length: list[int] = []  # real tokens stored per row
+        self.start: list[int | None] = []  # position of each row's first real token
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    def _grow(self, need: int) -> None:
+        old = self.num_pages
+        new = max(need, 2 * old, 64)
+        for kv in (self.k, self.v):
+            for i in range(self.num_layers):
+                grown = torch.zeros((new, *self.shape), dtype=self.dtype, device=self.device)
+                if old:
+                    grown[:old] = kv[i]
+                if len(kv) > i:
+                    kv[i] = grown
+                else:
+                    kv.append(grown)
+        self.free.extend(range(new - 1, old - 1, -1))
+
+    def _alloc(self, n: int) -> list[int]:
+        if n > len(self.free):
+            self._grow(self.num_pages - len(self.free) + n)
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self) -> None:
+        """Give every page back (the rows are gone)."""
+        for row in self.pages:
+            self.free.extend(row)
+        self.pages, self.length, self.start = [], [], []
+
+    def step(self, valid: torch.Tensor, positions: torch.Tensor) -> Step:
+        """Plan a step of ``valid.shape[1]`` new tokens per row: lend pages to the real ones.
+
+        valid: [batch, num_new], bool — False for padding
+        positions: [batch, num_new], int64 — each new token's position
+        """
+        batch, num_new = valid.shape
+        if not self.pages:
+            self.pages = [[] for _ in range(batch)]
+            self.length, self.start = [0] * batch, [None] * batch
+        if batch != len(self.pages):
+            raise InvalidValueError("input_ids", f"a batch of {len(self.pages)} rows (this cache's)", batch)
+        valid_h, pos_h = valid.cpu(), positions.cpu()
+        slots = torch.full((batch, num_new), -1, dtype=torch.int64)
+        for b in range(batch):
+            real = pos_h[b][valid_h[b]]
+            n = int(real.numel())
+            if n == 0:
+                continue
+            start = self.start[b]
+            if start is None:
+                start = self.start[b] = int(real[0])
+            want = torch.arange(start + self.length[b], start + self.length[b] + n)
+            if not torch.equal(real, want):
+                raise InvalidValueError(
+                    "position_ids", f"consecutive positions from {int(want[0])} for row {b}", real.tolist()[:8]
+                )
+            first, total = self.length[b], self.length[b] + n
+            need = -(-total // PAGE_SIZE) - len(self.pages[b])
+            if need > 0:
+                self.pages[b] += self._alloc(need)
+            idx = torch.arange(first, total)
+            row_pages = torch.tensor(self.pages[b], dtype=torch.int64)
+            slots[b, valid_h[b]] = row_pages[idx // PAGE_SIZE] * PAGE_SIZE + idx % PAGE_SIZE
+            self.length[b] = total
+        table = SegmentTable.from_lists(
+            [[(self.pages[b], self.length[b], self.start[b] or 0)] for b in range(batch)], device=self.device
+        )
+        return Step(
+            slots.reshape(-1).to(self.device),
+            torch.arange(0, (batch + 1) * num_new, num_new, dtype=torch.int32, device=self.device),
+            positions.reshape(-1).to(dtype=torch.int32, device=self.device),
+            table,
+        )
