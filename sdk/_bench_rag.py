@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from kvfuse.rag import Answer, RagPipeline, deviation
+
+if TYPE_CHECKING:  # the RAG stack loads when a bench runs, not when the CLI starts
+    from kvfuse.rag import Answer
 
 
 def _median(fn: Callable[[], Answer], repeat: int) -> Answer:
@@ -65,6 +67,8 @@ def run_rag(
     config = model.config
     chunk_len = context_tokens // chunks
     store = make_store(model, context_tokens, chunks, question_tokens)
+    from kvfuse.rag import Answer, RagPipeline, deviation
+
     pipe = RagPipeline(model, store)
     g = torch.Generator().manual_seed(seed + 1)
     # warm-up on a small request: compiles every model/session signature once
@@ -149,6 +153,8 @@ def run_remote(
             store = make_store(
                 model, context_tokens, chunks, question_tokens, RemoteTier(master.config, store_namespace(model))
             )
+            from kvfuse.rag import RagPipeline, deviation
+
             pipe = RagPipeline(model, store)
             small = [[t + 1 for t in docs[0][:32]]]
             pipe.full(small, question[:4]), pipe.reuse(small, question[:4])  # warm-up (compiles)

@@ -1,9 +1,12 @@
 """pluggy hook specifications. A device plugin is a module (or object) with
 ``@kvfuse.hookimpl``-decorated functions, published under the ``kvfuse.devices``
-entry-point group::
+entry-point group; a transport plugin likewise under ``kvfuse.transports``::
 
     [project.entry-points."kvfuse.devices"]
-    acme = "acme_kvfuse.plugin"
+    acme = "acme_kvfuse"
+
+    [project.entry-points."kvfuse.transports"]
+    mooncake = "kvfuse.transfer._mooncake"
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 
 PROJECT = "kvfuse"
 ENTRY_POINT_GROUP = "kvfuse.devices"
+TRANSPORT_GROUP = "kvfuse.transports"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -90,13 +90,18 @@ class Registry:
     # -- loading ------------------------------------------------------------------------
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
-        """Load every plugin of the ``kvfuse.devices`` group (or the allow-listed ones)."""
+        """Load every plugin of the ``kvfuse.devices`` and ``kvfuse.transports`` groups (or
+        the allow-listed ones)."""
         if allow is None:
             env = os.environ.get("KVFUSE_PLUGINS", "").strip()
             allow = [n.strip() for n in env.split(",") if n.strip()] if env else None
         allowed = set(allow) if allow is not None else None
-        eps = importlib.metadata.entry_points(group=_hookspecs.ENTRY_POINT_GROUP)
-        for ep in sorted(eps, key=lambda e: e.name):
+        eps = [
+            ep
+            for group in (_hookspecs.ENTRY_POINT_GROUP, _hookspecs.TRANSPORT_GROUP)
+            for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+        ]
+        for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue
             if self._pm.has_plugin(ep.name):

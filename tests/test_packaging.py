@@ -85,3 +85,23 @@ def test_readme_plugin_example_matches_the_example_plugin() -> None:
     assert "\n".join(header) in device
     hook = code.group(0).split("# acme_kvfuse/__init__.py\n")[1].removesuffix("```").strip()
     assert hook in init
+
+
+def test_cli_start_does_not_import_the_rag_stack() -> None:
+    """`kvfuse devices` (and every CLI start) loads bench subcommands lazily: the RAG,
+    store, model and transformers code load only when a bench runs."""
+    code = (
+        "import sys; from kvfuse._cli import build_parser, _subcommands; build_parser(_subcommands()); "
+        "print([m for m in sys.modules if m.startswith(('kvfuse.rag', 'kvfuse.store', 'kvfuse.models', "
+        "'kvfuse.hf', 'transformers'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_transports_have_their_own_entry_point_group() -> None:
+    from importlib import metadata
+
+    devices = {ep.name for ep in metadata.entry_points(group="kvfuse.devices")}
+    transports = {ep.name for ep in metadata.entry_points(group="kvfuse.transports")}
+    assert "mooncake" in transports and "mooncake" not in devices

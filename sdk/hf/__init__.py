@@ -15,5 +15,16 @@ from __future__ import annotations
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._enable import enable, rope_config
 from kvfuse.hf._load import SMOLLM2, from_pretrained
+from kvfuse.hf._reuse import generate_with_chunks, ingest, make_store, namespace
 
-__all__ = ["SMOLLM2", "PagedCache", "enable", "from_pretrained", "rope_config"]
+__all__ = [
+    "SMOLLM2",
+    "PagedCache",
+    "enable",
+    "from_pretrained",
+    "generate_with_chunks",
+    "ingest",
+    "make_store",
+    "namespace",
+    "rope_config",
+]

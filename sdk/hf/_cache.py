@@ -76,7 +76,18 @@ class PagedCache(Cache):
     batch expansion (each a kvfuse ``UnsupportedError``).
     """
 
-    def __init__(self, model: Any, *, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str | None = None,
+        store: Any = None,
+        prefix: list[tuple[list[int], int, int]] | None = None,
+    ) -> None:
+        """``store``: a ``TieredStore`` whose device pool holds the pages (its namespace
+        must be ``kvfuse.hf.namespace(model)``); ``prefix``: stored segments ``(pages,
+        length, position)`` of that pool that one row attends over before its own tokens
+        (they count as already seen, so ``generate`` feeds only what follows them)."""
         from kvfuse.hf._enable import settings
 
         self.settings = settings(model, device)
@@ -85,8 +96,12 @@ class PagedCache(Cache):
         super().__init__(layers=list(self._layers))
         param = next(model.parameters())
         self.rows = PagedRows(
-            cfg.num_hidden_layers, self.settings.num_kv_heads, self.settings.head_dim, param.dtype, param.device
+            cfg.num_hidden_layers, self.settings.num_kv_heads, self.settings.head_dim, param.dtype, param.device, store
         )
+        if prefix:
+            self.rows.with_prefix(prefix)
+            for layer in self._layers:
+                layer.seen = self.rows.start[0] or 0
         self.plan: Step | None = None
 
     def seen(self) -> int:
@@ -95,6 +110,7 @@ class PagedCache(Cache):
     def close(self) -> None:
         self.rows.release()
         self.rows.k, self.rows.v, self.rows.free = [], [], []
+        self.plan = None
         for layer in self._layers:
             layer.reset()
 

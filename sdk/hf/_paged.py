@@ -9,6 +9,7 @@ the segment table, query positions) and every layer then runs ``append_kv`` +
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kvfuse._errors import InvalidValueError
@@ -33,22 +34,44 @@ class Step:
 
 
 class PagedRows:
-    """Pages for ``batch`` rows in per-layer pools that grow (doubling) as rows grow.
+    """Pages for ``batch`` rows in per-layer pools: the rows' own pools, which grow
+    (doubling) as rows grow, or a ``TieredStore``'s device pool, whose pages the store lends.
+    Each row attends over its ``prefix`` segments (stored chunks, pinned by their owner)
+    and then its live segment (the tokens fed so far).
 
     k[layer], v[layer]: [num_pages, PAGE_SIZE, num_kv_heads, head_dim], the model's dtype
     """
 
     def __init__(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        store: Any = None,
     ) -> None:
         self.shape = (PAGE_SIZE, num_kv_heads, head_dim)
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
+        self.store = store
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        if store is not None:
+            if store.pool.namespace.page_size != PAGE_SIZE:
+                raise InvalidValueError("store", f"a pool of {PAGE_SIZE}-token pages", store.pool.namespace.page_size)
+            self.k = [store.pool.k[i] for i in range(num_layers)]
+            self.v = [store.pool.v[i] for i in range(num_layers)]
         self.free: list[int] = []
-        self.pages: list[list[int]] = []  # per row
+        self.pages: list[list[int]] = []  # per row: its live pages
         self.length: list[int] = []  # real tokens stored per row
         self.start: list[int | None] = []  # position of each row's first real token
+        self.prefix: list[list[tuple[list[int], int, int]]] = []  # per row: (pages, length, pos)
+
+    def with_prefix(self, segments: list[tuple[list[int], int, int]]) -> None:
+        """One row that attends first over ``segments`` (pages it does not own), its live
+        tokens starting right after the last one."""
+        self.pages, self.length, self.prefix = [[]], [0], [list(segments)]
+        self.start = [max((pos + n for _, n, pos in segments), default=0)]
 
     @property
     def num_pages(self) -> int:
@@ -69,15 +92,28 @@ class PagedRows:
         self.free.extend(range(new - 1, old - 1, -1))
 
     def _alloc(self, n: int) -> list[int]:
+        if self.store is not None:
+            pages: list[int] = self.store.allocate(n * PAGE_SIZE)
+            return pages
         if n > len(self.free):
             self._grow(self.num_pages - len(self.free) + n)
         return [self.free.pop() for _ in range(n)]
 
     def release(self) -> None:
-        """Give every page back (the rows are gone)."""
+        """Give every live page back (the rows are gone)."""
         for row in self.pages:
-            self.free.extend(row)
-        self.pages, self.length, self.start = [], [], []
+            if self.store is not None:
+                self.store.release(row)
+            else:
+                self.free.extend(row)
+        self.pages, self.length, self.start, self.prefix = [], [], [], []
+
+    def take(self, row: int = 0) -> tuple[list[int], int]:
+        """Hand row ``row``'s live pages and token count to the caller (e.g. to commit
+        them to a store as a chunk); the row keeps nothing."""
+        pages, n = self.pages[row], self.length[row]
+        self.pages[row], self.length[row] = [], 0
+        return pages, n
 
     def step(self, valid: torch.Tensor, positions: torch.Tensor) -> Step:
         """Plan a step of ``valid.shape[1]`` new tokens per row: lend pages to the real ones.
@@ -88,7 +124,7 @@ class PagedRows:
         batch, num_new = valid.shape
         if not self.pages:
             self.pages = [[] for _ in range(batch)]
-            self.length, self.start = [0] * batch, [None] * batch
+            self.length, self.start, self.prefix = [0] * batch, [None] * batch, [[] for _ in range(batch)]
         if batch != len(self.pages):
             raise InvalidValueError("input_ids", f"a batch of {len(self.pages)} rows (this cache's)", batch)
         valid_h, pos_h = valid.cpu(), positions.cpu()
@@ -115,7 +151,8 @@ class PagedRows:
             slots[b, valid_h[b]] = row_pages[idx // PAGE_SIZE] * PAGE_SIZE + idx % PAGE_SIZE
             self.length[b] = total
         table = SegmentTable.from_lists(
-            [[(self.pages[b], self.length[b], self.start[b] or 0)] for b in range(batch)], device=self.device
+            [[*self.prefix[b], (self.pages[b], self.length[b], self.start[b] or 0)] for b in range(batch)],
+            device=self.device,
         )
         return Step(
             slots.reshape(-1).to(self.device),

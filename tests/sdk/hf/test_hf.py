@@ -147,3 +147,26 @@ def test_smollm2_on_a_real_prompt(smollm2: tuple[Any, Any]) -> None:
     assert (want_logits - got_logits).abs().max() < 1e-4  # 6e-5 here, |logits| up to 38
     assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
     assert "Paris" in tok.decode(got[0, ids.shape[1] :])
+
+
+def test_stored_chunks_are_reused_at_new_positions() -> None:
+    """A chunk stored once serves any position: reusing the first chunk of a prompt is
+    exactly full prefill (its KV is what full prefill computes), and a chunk stored at
+    position 0 is reused at another position in another prompt, from the store's pages,
+    without leaking pages or pins."""
+    ref = tiny("llama-gqa")
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device="reference")
+    store = kvfuse.hf.make_store(model, num_pages=64)
+    g = torch.Generator().manual_seed(3)
+    doc_a, doc_b, question = (torch.randint(1, 96, (n,), generator=g).tolist() for n in (21, 13, 5))
+    kw = {"max_new_tokens": 8, "do_sample": False}
+    assert kvfuse.hf.ingest(model, store, [doc_a, doc_b]) == 2
+    out = kvfuse.hf.generate_with_chunks(model, store, [doc_a], question, **kw)
+    want = ref.generate(torch.tensor([doc_a + question]), **kw)
+    assert torch.equal(out, want)
+    hits = sum(store.stats.hits.values())
+    out2 = kvfuse.hf.generate_with_chunks(model, store, [doc_b, doc_a], question, **kw)  # doc_a now at 13
+    assert sum(store.stats.hits.values()) - hits >= 2 and out2.shape == (1, 13 + 21 + 5 + 8)
+    assert kvfuse.hf.ingest(model, store, [doc_a, doc_b]) == 0
+    owners = store.audit()
+    assert owners["lent"] == [] and all(store.pins(k) == {} for k in owners if k not in ("free", "lent"))
