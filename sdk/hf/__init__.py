@@ -12,6 +12,7 @@ the model's own RoPE table, so stored KV is position-independent.
 
 from __future__ import annotations
 
+from kvfuse.hf._blend import blend_generate
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._enable import enable, rope_config
 from kvfuse.hf._load import SMOLLM2, from_pretrained
@@ -20,6 +21,7 @@ from kvfuse.hf._reuse import generate_with_chunks, ingest, make_store, namespace
 __all__ = [
     "SMOLLM2",
     "PagedCache",
+    "blend_generate",
     "enable",
     "from_pretrained",
     "generate_with_chunks",

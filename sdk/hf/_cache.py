@@ -103,6 +103,8 @@ class PagedCache(Cache):
             for layer in self._layers:
                 layer.seen = self.rows.start[0] or 0
         self.plan: Step | None = None
+        self.preset: Step | None = None  # set by a driver: every layer uses this plan
+        self.probe: list[torch.Tensor] | None = None  # set by a driver: collect keys, skip attention
 
     def seen(self) -> int:
         return self._layers[0].seen
@@ -176,7 +178,10 @@ def attention_function(
         state, layer, new_step = cache, module.layer_idx, module.layer_idx == 0
     _active.key = None
     s = state.settings
-    if new_step or state.plan is None:
+    preset = getattr(state, "preset", None)
+    if preset is not None:  # a driver (blend) fixed this call's plan
+        state.plan = preset
+    elif new_step or state.plan is None:
         valid = torch.ones(batch, num_new, dtype=torch.bool, device=query.device)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask[:, -num_new:].to(torch.bool)
@@ -185,6 +190,10 @@ def attention_function(
             start = state.seen() - num_new
             positions = torch.arange(start, start + num_new, device=query.device)
         state.plan = state.rows.step(valid, positions.expand(batch, num_new).long())
+    probe = getattr(state, "probe", None)
+    if probe is not None:  # a driver only wants this layer's fresh keys
+        probe.append(key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d))
+        return query.new_zeros(batch, num_new, hq, d), None
     plan = state.plan
     k_pages, v_pages = state.rows.k[layer], state.rows.v[layer]
     k_new = key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)

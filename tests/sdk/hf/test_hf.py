@@ -170,3 +170,24 @@ def test_stored_chunks_are_reused_at_new_positions() -> None:
     assert kvfuse.hf.ingest(model, store, [doc_a, doc_b]) == 0
     owners = store.audit()
     assert owners["lent"] == [] and all(store.pins(k) == {} for k in owners if k not in ("free", "lent"))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
+def test_blend_at_ratio_one_is_full_prefill(family: str) -> None:
+    """Model-agnostic CacheBlend (common decoder layout only; the layer-1 probe takes the
+    keys the model's own attention computes): recomputing every token gives exactly HF's
+    full-prefill generate; a smaller ratio recomputes that share of the context."""
+    ref = tiny(family)
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device="reference")
+    store = kvfuse.hf.make_store(model, num_pages=96)
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (17, 9, 14)]
+    question = torch.randint(1, 96, (4,), generator=g).tolist()
+    kw = {"max_new_tokens": 8, "do_sample": False}
+    want = ref.generate(torch.tensor([[t for d in docs for t in d] + question]), **kw)
+    out, recomputed = kvfuse.hf.blend_generate(model, store, docs, question, ratio=1.0, **kw)
+    assert torch.equal(out, want) and recomputed == 40
+    out, recomputed = kvfuse.hf.blend_generate(model, store, docs, question, ratio=0.25, **kw)
+    assert recomputed == 10 and out.shape == want.shape
+    owners = store.audit()
+    assert owners["lent"] == [] and all(store.pins(k) == {} for k in owners if k not in ("free", "lent"))

@@ -1,0 +1,82 @@
+"""CacheBlend on any transformers decoder, through the common decoder layout only
+(``model.model.embed_tokens``, ``rotary_emb``, ``layers``, ``norm``, ``model.lm_head``):
+
+1. the prompt's stored chunks are copied into scratch pages beside the question's;
+2. layer 0 is recomputed for every token;
+3. layer 1 runs once as a probe: kvfuse's attention function collects its fresh keys
+   (whatever the projection: bias, q/k norm), and ``blend_select`` picks the tokens whose
+   keys deviate most from the stored ones, plus the question;
+4. layers 1.. recompute only those tokens, as queries at their true positions over every
+   token's KV, theirs replaced (so the mask is exact);
+5. ``generate`` continues from the blended KV.
+
+With ``ratio=1.0`` every token is recomputed: the result is full prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from kvfuse.hf._cache import PagedCache
+from kvfuse.hf._paged import Step
+from kvfuse.hf._reuse import ingest
+from kvfuse.ops import append_kv, blend_select
+from kvfuse.store import TieredStore, plan
+
+
+def blend_generate(
+    model: Any,
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    question: Sequence[int],
+    ratio: float = 0.15,
+    **generate_kwargs: Any,
+) -> tuple[torch.Tensor, int]:
+    """``model.generate`` on ``chunks + question`` with the chunks' stored KV blended:
+    returns (output ids ``[1, prompt + new]``, context tokens recomputed beyond layer 0)."""
+    if not question:
+        raise ValueError("blend_generate needs at least one question token")
+    ingest(model, store, chunks)
+    inner, device = model.model, store.pool.device
+    ids = [t for c in chunks for t in c] + list(question)
+    total, n_ctx = len(ids), sum(len(c) for c in chunks)
+    with plan(store, chunks, live_tokens=0) as p, PagedCache(model, store=store) as scratch, torch.no_grad():
+        rows = scratch.rows
+        positions = torch.arange(total, device=device)
+        full: Step = rows.step(torch.ones(1, total, dtype=torch.bool, device=device), positions[None])
+        stored = torch.cat([store.pool.slots(pg, n) for pg, n in zip(p.pages, p.lengths)]) if chunks else None
+        if stored is not None:  # 1. the stored KV, copied beside the question's
+            for layer in range(rows.num_layers):
+                k_rows, v_rows = (t[layer].view(-1, *t[layer].shape[2:])[stored] for t in (rows.k, rows.v))
+                append_kv(k_rows, v_rows, rows.k[layer], rows.v[layer], full.slots[:n_ctx])
+        x = inner.embed_tokens(torch.tensor([ids], device=device))
+        pe = inner.rotary_emb(x, positions[None])
+        scratch.preset = full
+        x = inner.layers[0](x, position_ids=positions[None], position_embeddings=pe, cache=scratch)  # 2.
+        chosen = positions
+        if len(inner.layers) > 1 and n_ctx:  # 3. the layer-1 probe
+            scratch.probe = []
+            inner.layers[1](x, position_ids=positions[None], position_embeddings=pe, cache=scratch)
+            fresh, scratch.probe = scratch.probe[0], None
+            k_stored = rows.k[1].view(-1, *rows.k[1].shape[2:])[full.slots[:n_ctx]]
+            picked = blend_select(k_stored, fresh[:n_ctx].to(k_stored.dtype), ratio, device=scratch.settings.device)
+            chosen = torch.cat([picked.to(device), torch.arange(n_ctx, total, device=device)])
+        sel_pos = positions[chosen]
+        scratch.preset = replace(
+            full,
+            slots=full.slots[chosen],
+            q_indptr=torch.tensor([0, chosen.numel()], dtype=torch.int32, device=device),
+            q_pos=sel_pos.to(torch.int32),
+        )
+        x, pe_sel = x[:, chosen], (pe[0][:, chosen], pe[1][:, chosen])
+        for layer in inner.layers[1:]:  # 4.
+            x = layer(x, position_ids=sel_pos[None], position_embeddings=pe_sel, cache=scratch)
+        scratch.preset = None
+        # 5. generate feeds the last prompt token over the blended KV of the others
+        pages = rows.pages[0]
+        with PagedCache(model, store=store, prefix=[(pages, total - 1, 0)]) as cache:
+            out: torch.Tensor = model.generate(torch.tensor([ids], device=device), cache=cache, **generate_kwargs)
+    return out, int(chosen.numel()) - (total - n_ctx)
