@@ -27,6 +27,7 @@ run: $(STAMP)
 	$(VENV)/bin/kvfuse conformance run --profile smoke > reports-smoke.log || (tail -40 reports-smoke.log; exit 1)
 	tail -12 reports-smoke.log
 	$(PY) examples/quickstart.py
+	$(PY) examples/hf_rag.py
 	$(VENV)/bin/kvfuse bench rag --context-tokens 2048 --layers 16
 
 test: $(STAMP)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from kvfuse.hf._cache import PagedCache
-from kvfuse.hf._paged import Step
+from kvfuse.hf._paged import PAGE_SIZE, Step
 from kvfuse.hf._reuse import ingest
 from kvfuse.ops import append_kv, blend_select
 from kvfuse.store import TieredStore, plan
@@ -76,7 +76,7 @@ def blend_generate(
             x = layer(x, position_ids=sel_pos[None], position_embeddings=pe_sel, cache=scratch)
         scratch.preset = None
         # 5. generate feeds the last prompt token over the blended KV of the others
-        pages = rows.pages[0]
+        pages = rows.pages[0][: -(-(total - 1) // PAGE_SIZE)]
         with PagedCache(model, store=store, prefix=[(pages, total - 1, 0)]) as cache:
             out: torch.Tensor = model.generate(torch.tensor([ids], device=device), cache=cache, **generate_kwargs)
     return out, int(chosen.numel()) - (total - n_ctx)

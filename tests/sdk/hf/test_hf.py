@@ -191,3 +191,18 @@ def test_blend_at_ratio_one_is_full_prefill(family: str) -> None:
     assert recomputed == 10 and out.shape == want.shape
     owners = store.audit()
     assert owners["lent"] == [] and all(store.pins(k) == {} for k in owners if k not in ("free", "lent"))
+
+
+def test_blend_when_the_prompt_ends_on_a_page_boundary() -> None:
+    """All but the last prompt token fill whole pages (32 of 33): generate's prefix must
+    hold exactly the pages those tokens use."""
+    ref = tiny("llama-gqa")
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device="reference")
+    store = kvfuse.hf.make_store(model, num_pages=64)
+    g = torch.Generator().manual_seed(6)
+    docs = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (17, 12)]
+    question = torch.randint(1, 96, (4,), generator=g).tolist()
+    kw = {"max_new_tokens": 4, "do_sample": False}
+    want = ref.generate(torch.tensor([docs[0] + docs[1] + question]), **kw)
+    out, _ = kvfuse.hf.blend_generate(model, store, docs, question, ratio=1.0, **kw)
+    assert torch.equal(out, want)
