@@ -27,15 +27,29 @@ def _median(fn: Callable[[], Answer], repeat: int) -> Answer:
 def workload(
     layers: int, context_tokens: int, chunks: int, question_tokens: int, seed: int, device: str | None
 ) -> tuple[Any, list[list[int]], list[int]]:
-    """The benchmark's model, documents and question: identical in every process (seeded)."""
-    from kvfuse.models import LlamaConfig, LlamaModel
+    """The benchmark's model, documents and question: identical in every process (seeded).
+    The model is a randomly initialised transformers Llama (16 layers, hidden 256, 8 q /
+    2 kv heads by default) with every attention on kvfuse device ``device``."""
+    import kvfuse.hf
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(num_layers=layers, max_position=max(16384, context_tokens + question_tokens + 1))
-    model = LlamaModel.random(config, seed=seed, device=device)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=max(16384, context_tokens + question_tokens + 1),
+    )
+    torch.manual_seed(seed)
+    model: Any = LlamaForCausalLM(config)
+    model.eval()
     if device is not None:  # weights where the device's tensors live (e.g. cuda for nvidia)
         import kvfuse
 
         model.to(torch.device(kvfuse.registry().get(device).torch_device_type))
+    kvfuse.hf.enable(model, device=device)
     g = torch.Generator().manual_seed(seed)
     chunk_len = context_tokens // chunks
     docs = [torch.randint(0, config.vocab_size, (chunk_len,), generator=g).tolist() for _ in range(chunks)]
@@ -44,11 +58,10 @@ def workload(
 
 
 def make_store(model: Any, context_tokens: int, chunks: int, question_tokens: int, remote: Any = None) -> Any:
-    from kvfuse.store import KVPool, TieredStore
+    import kvfuse.hf
 
-    ns = store_namespace(model)
     pages = 3 * (context_tokens // 16 + 2 * chunks) + 4 * (question_tokens // 16 + 2) + 64
-    return TieredStore(ns, KVPool(ns, pages, device=model.torch_device), remote=remote)
+    return kvfuse.hf.make_store(model, pages, remote=remote)
 
 
 def run_rag(
@@ -178,7 +191,9 @@ def run_remote(
 
 
 def store_namespace(model: Any) -> Any:
-    return model.config.namespace("kvfuse-bench-llama", page_size=16)
+    import kvfuse.hf
+
+    return kvfuse.hf.namespace(model)
 
 
 def _timed(fn: Callable[[], object]) -> float:

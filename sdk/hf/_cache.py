@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from kvfuse._errors import UnsupportedError
 from kvfuse.hf._paged import PagedRows, Step
-from kvfuse.ops import append_kv, fusion_attention
+from kvfuse.ops import append_kv, fusion_attention, merge_states
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 _active = threading.local()  # the PagedCache whose update() ran last in this thread
@@ -83,11 +83,14 @@ class PagedCache(Cache):
         device: str | None = None,
         store: Any = None,
         prefix: list[tuple[list[int], int, int]] | None = None,
+        split: tuple[str, str] | None = None,
     ) -> None:
         """``store``: a ``TieredStore`` whose device pool holds the pages (its namespace
         must be ``kvfuse.hf.namespace(model)``); ``prefix``: stored segments ``(pages,
         length, position)`` of that pool that one row attends over before its own tokens
-        (they count as already seen, so ``generate`` feeds only what follows them)."""
+        (they count as already seen, so ``generate`` feeds only what follows them);
+        ``split=(stored_device, live_device)``: attention over the prefix on one kvfuse
+        device and over the live tokens on another, merged with ``merge_states``."""
         from kvfuse.hf._enable import settings
 
         self.settings = settings(model, device)
@@ -103,6 +106,7 @@ class PagedCache(Cache):
             for layer in self._layers:
                 layer.seen = self.rows.start[0] or 0
         self.plan: Step | None = None
+        self.split = split
         self.preset: Step | None = None  # set by a driver: every layer uses this plan
         self.probe: list[torch.Tensor] | None = None  # set by a driver: collect keys, skip attention
 
@@ -200,17 +204,22 @@ def attention_function(
     v_new = value.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)
     append_kv(k_new, v_new, k_pages, v_pages, plan.slots, device=s.device)
     window = sliding_window if sliding_window is not None else s.sliding_window
-    out, _ = fusion_attention(
-        query.transpose(1, 2).reshape(batch * num_new, hq, d),
-        plan.q_indptr,
-        plan.q_pos,
-        k_pages,
-        v_pages,
-        plan.segments,
-        sm_scale=scaling,
-        softcap=float(softcap or 0.0),
-        window_left=window - 1 if window else -1,
-        rope=s.rope,
-        device=s.device,
-    )
+    q = query.transpose(1, 2).reshape(batch * num_new, hq, d)
+    attend: dict[str, Any] = {
+        "sm_scale": scaling,
+        "softcap": float(softcap or 0.0),
+        "window_left": window - 1 if window else -1,
+        "rope": s.rope,
+    }
+    split = getattr(state, "split", None)
+    if split is None:
+        out, _ = fusion_attention(
+            q, plan.q_indptr, plan.q_pos, k_pages, v_pages, plan.segments, device=s.device, **attend
+        )
+    else:  # stored segments on one device, live tokens on another, merged by lse
+        parts = [
+            fusion_attention(q, plan.q_indptr, plan.q_pos, k_pages, v_pages, table, device=dev, **attend)
+            for table, dev in zip(state.rows.split_tables(), split)
+        ]
+        out, _ = merge_states(parts, device=split[0])
     return out.view(batch, num_new, hq, d), None

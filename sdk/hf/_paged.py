@@ -108,6 +108,16 @@ class PagedRows:
                 self.free.extend(row)
         self.pages, self.length, self.start, self.prefix = [], [], [], []
 
+    def split_tables(self) -> tuple[SegmentTable, SegmentTable]:
+        """(every row's prefix segments, every row's live segment): the two halves of a
+        step's table, for attention computed in two parts and merged."""
+        batch = len(self.pages)
+        prefix = SegmentTable.from_lists([self.prefix[b] for b in range(batch)], device=self.device)
+        live = SegmentTable.from_lists(
+            [[(self.pages[b], self.length[b], self.start[b] or 0)] for b in range(batch)], device=self.device
+        )
+        return prefix, live
+
     def take(self, row: int = 0) -> tuple[list[int], int]:
         """Hand row ``row``'s live pages and token count to the caller (e.g. to commit
         them to a store as a chunk); the row keeps nothing."""

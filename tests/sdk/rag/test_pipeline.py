@@ -1,23 +1,30 @@
-"""The RAG pipeline's modes against full prefill: exact where they must be, closer with blend."""
+"""The RAG pipeline's modes against full prefill, on a transformers Llama run by kvfuse:
+exact where they must be, closer with blend."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kvfuse.models import LlamaConfig, LlamaModel
-from kvfuse.rag import RagPipeline, deviation
-from kvfuse.store import KVPool, TieredStore
 
-CFG = LlamaConfig(
-    vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position=4096
-)
+transformers = pytest.importorskip("transformers")
+import kvfuse.hf
+from kvfuse.rag import RagPipeline, deviation
 
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[RagPipeline, list[list[int]], list[int]]:
-    model = LlamaModel.random(CFG, seed=0, device="cpu")
-    ns = CFG.namespace("tiny", page_size=16)
-    pipe = RagPipeline(model, TieredStore(ns, KVPool(ns, 256)))
+    cfg = transformers.LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    model = kvfuse.hf.enable(transformers.LlamaForCausalLM(cfg).eval(), device="cpu")
+    pipe = RagPipeline(model, kvfuse.hf.make_store(model, num_pages=256))
     g = torch.Generator().manual_seed(1)
     chunks = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (40, 17, 64)]
     question = torch.randint(0, 200, (8,), generator=g).tolist()
