@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kvfuse.hf import PagedCache, ingest
+from kvfuse.hf import PagedCache, blend_generate, generate_with_chunks, ingest
 from kvfuse.hf._blend import blended
 from kvfuse.store import TieredStore, chunk_key, plan
 
@@ -84,3 +84,24 @@ class RagPipeline:
         with blended(self.model, self.store, chunks, question, ratio) as b:
             logits = b.logits
         return Answer(logits, time.perf_counter() - start, recomputed=b.recomputed)
+
+    def generate(
+        self,
+        chunks: Sequence[Sequence[int]],
+        question: Sequence[int],
+        mode: str = "reuse",
+        ratio: float = 0.15,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """The answer, decoded by ``model.generate`` from the KV of ``mode`` ("full",
+        "reuse" or "blend"): output ids ``[1, prompt + new]``."""
+        if mode == "reuse":
+            return generate_with_chunks(self.model, self.store, chunks, question, **generate_kwargs)
+        if mode == "blend":
+            return blend_generate(self.model, self.store, chunks, question, ratio, **generate_kwargs)[0]
+        if mode != "full":
+            raise ValueError(f"mode must be 'full', 'reuse' or 'blend', got {mode!r}")
+        ids = self._ids([t for c in chunks for t in c] + list(question))
+        with PagedCache(self.model) as cache:
+            out: torch.Tensor = self.model.generate(ids, cache=cache, **generate_kwargs)
+        return out

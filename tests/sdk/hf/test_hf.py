@@ -206,3 +206,44 @@ def test_blend_when_the_prompt_ends_on_a_page_boundary() -> None:
     want = ref.generate(torch.tensor([docs[0] + docs[1] + question]), **kw)
     out, _ = kvfuse.hf.blend_generate(model, store, docs, question, ratio=1.0, **kw)
     assert torch.equal(out, want)
+
+
+def test_the_integrators_api_as_written() -> None:
+    """`model.generate(ids, past_key_values=kvfuse.hf.PagedCache(model), ...)`, verbatim."""
+    ref = tiny("llama-gqa")
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device=None)
+    ids, _ = batch([9])
+    with pytest.warns(FutureWarning, match="past_key_values"):  # transformers 5.x renamed it `cache`
+        out = model.generate(ids, past_key_values=kvfuse.hf.PagedCache(model), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+NVIDIA_SCRIPT = """
+import copy, sys, torch
+sys.path.insert(0, {here!r})
+import kvfuse, kvfuse.hf
+from test_hf import batch, tiny
+assert kvfuse.registry().probe("nvidia").mode == "triton interpreter"
+ref = tiny("llama-gqa")
+model = kvfuse.hf.enable(copy.deepcopy(ref), device="nvidia")
+ids, mask = batch([9, 5])
+kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+with kvfuse.hf.PagedCache(model) as cache:
+    out = model.generate(ids, attention_mask=mask, cache=cache, **kw)
+print(torch.equal(out, ref.generate(ids, attention_mask=mask, **kw)))
+"""
+
+
+def test_generate_on_the_nvidia_kernels_under_the_interpreter() -> None:
+    """The real Triton kernels (TRITON_INTERPRET=1), tiny size: HF sdpa's tokens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = NVIDIA_SCRIPT.format(here=str(Path(__file__).parent))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

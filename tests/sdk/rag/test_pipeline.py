@@ -70,3 +70,18 @@ def test_misses_are_filled_and_stored(setup: tuple[RagPipeline, list[list[int]],
     first = pipe.reuse(new, question)
     assert first.misses == 1 and pipe.store.tier(pipe.keys(new)[0]) == "device"
     assert pipe.reuse(new, question).hits == 1
+
+
+def test_answers_are_generated_from_each_modes_kv(setup: tuple[RagPipeline, list[list[int]], list[int]]) -> None:
+    """Decoding continues from the reused or blended KV with generate; full and blend at
+    ratio 1 decode the same tokens, and every mode's first new token is its argmax."""
+    pipe, chunks, question = setup
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    full = pipe.generate(chunks, question, "full", **kw)
+    assert torch.equal(pipe.generate(chunks, question, "blend", ratio=1.0, **kw), full)
+    prompt = sum(len(c) for c in chunks) + len(question)
+    for mode, answer in (("reuse", pipe.reuse(chunks, question)), ("blend", pipe.blend(chunks, question, 0.15))):
+        out = pipe.generate(chunks, question, mode, **kw)
+        assert out.shape == (1, prompt + 6) and int(out[0, prompt]) == int(answer.logits.argmax())
+    with pytest.raises(ValueError, match="mode"):
+        pipe.generate(chunks, question, "fast")
