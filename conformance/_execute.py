@@ -141,6 +141,14 @@ def _fusion_attention(
     else:
         table = x.table("reversed" if invariant == "segment-order" else "as-is")
         out, lse = kvfuse.fusion_attention(*x.args(table), device=device, **x.kwargs)
+        # the planned path (plan once, run per layer) gives the one-shot call's bits
+        plan = kvfuse.plan_attention(
+            x.q_indptr, x.q_pos, table, x.k_pages, x.v_pages, num_q_heads=x.q.shape[1], device=device, **x.kwargs
+        )
+        for name, planned, one_shot in zip(
+            ("planned out", "planned lse"), plan.run(x.q, x.k_pages, x.v_pages), (out, lse)
+        ):
+            _exact(name, planned, one_shot.detach().cpu())
     _judge("out", out, ref_out, x.q.dtype, oa, orr, errs)
     _judge("lse", lse, ref_lse, torch.float32, la, lr, errs)
     return None
@@ -211,9 +219,7 @@ def _blend_select(
     return None
 
 
-def _move_case(
-    case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]
-) -> str | None:
+def _move_case(case: Case, device: str, tdev: torch.device, seed: int, errs: list[tuple[float, float]]) -> str | None:
     g = torch.Generator().manual_seed(seed)
     p, op = case.params, case.op
     num_pages, page = p["num_pages"], p["page_size"]
@@ -251,8 +257,13 @@ def _move_case(
     missing = _gate(device, [req], lambda: public(*(a.clone() for a in dev_args), device=device, **kwargs))
     if missing:
         return missing
+    planned = tuple(a.clone() for a in dev_args) if op == "append_kv" else None
     result = public(*dev_args, device=device, **kwargs)
     expected = ref(*ref_args)
+    if planned is not None:  # the planned path writes the one-shot call's bits
+        kvfuse.plan_append(planned[4], planned[2], planned[3], device=device).run(*planned[:4])
+        for name, got, want in zip(("planned k_pages", "planned v_pages"), planned[2:4], dev_args[2:4]):
+            _exact(name, got, want.detach().cpu())
     if op == "copy_pages":
         result.wait(timeout=60)
         if not result.done():

@@ -35,6 +35,7 @@ from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
 from kvfuse.ops._blend import blend_count
 from kvfuse.ops._dispatch import run as _run
 from kvfuse.ops._moves import TransferHandle
+from kvfuse.ops._plan import AppendPlan, AttentionPlan, plan_append, plan_attention
 from kvfuse.ops._rope import RopeConfig
 from kvfuse.ops._segments import FlatSegments, Segment, SegmentTable
 
@@ -42,6 +43,8 @@ if typing.TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "AppendPlan",
+    "AttentionPlan",
     "FlatSegments",
     "RopeConfig",
     "Segment",
@@ -54,6 +57,8 @@ __all__ = [
     "fusion_attention",
     "gather_pages",
     "merge_states",
+    "plan_append",
+    "plan_attention",
     "rope_rerotate",
     "scatter_pages",
 ]

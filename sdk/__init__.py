@@ -37,6 +37,8 @@ from kvfuse._registry import BrokenPlugin, Registry, registry
 from kvfuse._transport import PoolDescriptor, Transport
 from kvfuse._version import __version__
 from kvfuse.ops import (
+    AppendPlan,
+    AttentionPlan,
     RopeConfig,
     Segment,
     SegmentTable,
@@ -47,12 +49,16 @@ from kvfuse.ops import (
     fusion_attention,
     gather_pages,
     merge_states,
+    plan_append,
+    plan_attention,
     rope_rerotate,
     scatter_pages,
 )
 
 __all__ = [
     "API_VERSION",
+    "AppendPlan",
+    "AttentionPlan",
     "Availability",
     "BrokenPlugin",
     "Capabilities",
@@ -90,6 +96,8 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "merge_states",
+    "plan_append",
+    "plan_attention",
     "registry",
     "rope_rerotate",
     "scatter_pages",

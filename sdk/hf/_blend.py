@@ -81,6 +81,7 @@ def blended(
             slots=full.slots[chosen],
             q_indptr=torch.tensor([0, chosen.numel()], dtype=torch.int32, device=device),
             q_pos=sel_pos.to(torch.int32),
+            plans={},
         )
         x, pe_sel = x[:, chosen], (pe[0][:, chosen], pe[1][:, chosen])
         for layer in inner.layers[1:]:  # 4.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from kvfuse._errors import UnsupportedError
 from kvfuse.hf._paged import PagedRows, Step
-from kvfuse.ops import append_kv, fusion_attention, merge_states
+from kvfuse.ops import fusion_attention, merge_states, plan_append, plan_attention
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 _active = threading.local()  # the PagedCache whose update() ran last in this thread
@@ -181,6 +181,7 @@ def attention_function(
     else:
         state, layer, new_step = cache, module.layer_idx, module.layer_idx == 0
     _active.key = None
+    query, key, value = query.detach(), key.detach(), value.detach()  # inference only: no autograd through kvfuse
     s = state.settings
     preset = getattr(state, "preset", None)
     if preset is not None:  # a driver (blend) fixed this call's plan
@@ -202,7 +203,6 @@ def attention_function(
     k_pages, v_pages = state.rows.k[layer], state.rows.v[layer]
     k_new = key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)
     v_new = value.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)
-    append_kv(k_new, v_new, k_pages, v_pages, plan.slots, device=s.device)
     window = sliding_window if sliding_window is not None else s.sliding_window
     q = query.transpose(1, 2).reshape(batch * num_new, hq, d)
     attend: dict[str, Any] = {
@@ -211,11 +211,18 @@ def attention_function(
         "window_left": window - 1 if window else -1,
         "rope": s.rope,
     }
+    # validated, flattened and dispatched once per step (the first layer plans, the rest run)
+    if "append" not in plan.plans:
+        plan.plans["append"] = plan_append(plan.slots, k_pages, v_pages, device=s.device)
+    plan.plans["append"].run(k_new, v_new, k_pages, v_pages)
     split = getattr(state, "split", None)
     if split is None:
-        out, _ = fusion_attention(
-            q, plan.q_indptr, plan.q_pos, k_pages, v_pages, plan.segments, device=s.device, **attend
-        )
+        key_ = ("attention", hq, attend["sm_scale"], attend["softcap"], attend["window_left"])
+        if key_ not in plan.plans:
+            plan.plans[key_] = plan_attention(
+                plan.q_indptr, plan.q_pos, plan.segments, k_pages, v_pages, num_q_heads=hq, device=s.device, **attend
+            )
+        out, _ = plan.plans[key_].run(q, k_pages, v_pages)
     else:  # stored segments on one device, live tokens on another, merged by lse
         parts = [
             fusion_attention(q, plan.q_indptr, plan.q_pos, k_pages, v_pages, table, device=dev, **attend)

@@ -8,7 +8,7 @@ the segment table, query positions) and every layer then runs ``append_kv`` +
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ class Step:
     q_indptr: torch.Tensor
     q_pos: torch.Tensor
     segments: SegmentTable
+    plans: dict[Any, Any] = field(default_factory=dict)  # kvfuse plans made by the first layer, reused
 
 
 class PagedRows:

@@ -247,3 +247,14 @@ def test_generate_on_the_nvidia_kernels_under_the_interpreter() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_forward_outside_no_grad_runs() -> None:
+    """Weights require grad outside torch.no_grad(); kvfuse (inference only) takes the
+    detached activations instead of failing in a device's numpy conversion."""
+    ref = tiny("llama-gqa")
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device="cpu")
+    ids, _ = batch([7])
+    with kvfuse.hf.PagedCache(model) as cache:
+        logits = model(ids, cache=cache).logits
+    assert (logits - ref(ids).logits).abs().max() < 1e-4

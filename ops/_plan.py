@@ -1,0 +1,210 @@
+"""Plan / run (CONTRACTS.md: "Plan / run"): validate, flatten and pick the device once per
+forward step, then run per layer with metadata checks only (no host synchronisation).
+
+    plan = kvfuse.plan_attention(q_indptr, q_pos, segments, k_pages, v_pages, num_q_heads=32, rope=rope)
+    for layer in layers:
+        out, lse = plan.run(q, k_pages[layer], v_pages[layer])
+
+A plan captures the values of its index tensors: change them and make a new plan. A
+planned run calls the device with exactly the arguments of the one-shot call, so its
+results are bit-identical (the conformance suite checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from kvfuse._device import Device
+from kvfuse._errors import DeviceMismatchError, DTypeError, ShapeError
+from kvfuse._registry import registry
+from kvfuse.ops import _checks as check
+from kvfuse.ops._attention import check_fusion_attention
+from kvfuse.ops._dispatch import call
+from kvfuse.ops._moves import check_append_kv
+from kvfuse.ops._rope import RopeConfig
+from kvfuse.ops._segments import FlatSegments, SegmentTable
+
+
+class _Planned(SegmentTable):
+    """A segment table whose flattening was done by the plan (devices flatten through
+    ``flatten``; a planned run does not pay for it again)."""
+
+    _flat: FlatSegments
+    _page_size: int
+
+    def flatten(self, page_size: int) -> FlatSegments:
+        if page_size == self._page_size:
+            return self._flat
+        return super().flatten(page_size)
+
+
+def _planned(segments: SegmentTable, page_size: int) -> _Planned:
+    dense = segments.contiguous()
+    table = _Planned(dense.seg_indptr, dense.page_indptr, dense.page_indices, dense.seg_len, dense.seg_pos)
+    object.__setattr__(table, "_page_size", page_size)
+    object.__setattr__(table, "_flat", dense.flatten(page_size))
+    return table
+
+
+def _pool_like(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A pool of the plan's geometry: metadata checks only."""
+    pool = check.tensor(name, t)
+    if tuple(pool.shape) != shape:
+        raise ShapeError(name, f"a pool of the plan's shape {shape}", f"shape {tuple(pool.shape)}")
+    if pool.dtype != dtype:
+        raise DTypeError(name, f"the plan's dtype {dtype}", str(pool.dtype))
+    if pool.device != device:
+        raise DeviceMismatchError(name, f"a tensor on the plan's device {device}", str(pool.device))
+    check.contiguous(name, pool)
+    return pool
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """``fusion_attention`` with everything but q and the pools fixed (see the module)."""
+
+    device: Device
+    q_indptr: torch.Tensor
+    q_pos: torch.Tensor
+    segments: SegmentTable
+    q_shape: tuple[int, int, int]
+    pool_shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    torch_device: torch.device
+    kwargs: dict[str, Any]
+
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer: ``(out, lse)`` as :func:`kvfuse.fusion_attention` returns them.
+
+        q: [num_q_tokens, num_q_heads, head_dim], the plan's dtype
+        k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], the plan's dtype, contiguous
+        """
+        q = check.tensor("q", q)
+        if tuple(q.shape) != self.q_shape:
+            raise ShapeError("q", f"the plan's shape {self.q_shape}", f"shape {tuple(q.shape)}")
+        if q.dtype != self.dtype:
+            raise DTypeError("q", f"the plan's dtype {self.dtype}", str(q.dtype))
+        if q.device != self.torch_device:
+            raise DeviceMismatchError("q", f"a tensor on the plan's device {self.torch_device}", str(q.device))
+        k = _pool_like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device)
+        v = _pool_like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device)
+        args = (q.contiguous(), self.q_indptr, self.q_pos, k, v, self.segments)
+        result: tuple[torch.Tensor, torch.Tensor] = call(self.device, "fusion_attention", *args, **self.kwargs)
+        return result
+
+
+def plan_attention(
+    q_indptr: torch.Tensor,
+    q_pos: torch.Tensor,
+    segments: SegmentTable,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    *,
+    num_q_heads: int,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    rope: RopeConfig | None = None,
+    device: str | None = None,
+) -> AttentionPlan:
+    """Validate and flatten a ``fusion_attention`` call once, and pick its device; the
+    pools give the geometry every run's pools must have.
+
+    q_indptr: [batch + 1], int32
+    q_pos: [num_q_tokens], int32
+    k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], fp32/fp16/bf16, contiguous
+    """
+    pool = check.tensor("k_pages", k_pages)
+    pos = check.tensor("q_pos", q_pos)
+    if pool.dim() != 4 or pos.dim() != 1:
+        check.shape("k_pages", pool, ["num_pages", "page_size", "num_kv_heads", "head_dim"])
+        check.shape("q_pos", pos, ["num_q_tokens"])
+    q_shape = (int(pos.shape[0]), int(num_q_heads), int(pool.shape[3]))
+    q_meta = torch.empty_strided(q_shape, (0, 0, 0), dtype=pool.dtype, device=pool.device)
+    req, scale = check_fusion_attention(
+        q_meta,
+        q_indptr,
+        q_pos,
+        k_pages,
+        v_pages,
+        segments,
+        causal=causal,
+        sm_scale=sm_scale,
+        softcap=softcap,
+        window_left=window_left,
+        rope=rope,
+    )
+    dev = registry().select(req, pool.device, device)
+    kwargs = {"causal": causal, "sm_scale": scale, "softcap": float(softcap), "window_left": window_left, "rope": rope}
+    return AttentionPlan(
+        dev,
+        q_indptr.contiguous(),
+        q_pos.contiguous(),
+        _planned(segments, int(pool.shape[1])),
+        q_shape,
+        tuple(int(x) for x in pool.shape),  # type: ignore[arg-type]
+        pool.dtype,
+        pool.device,
+        kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class AppendPlan:
+    """``append_kv`` with the slot mapping validated once."""
+
+    device: Device
+    slot_mapping: torch.Tensor
+    kv_shape: tuple[int, int, int]
+    pool_shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    torch_device: torch.device
+
+    def run(self, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+        """One layer's write, as :func:`kvfuse.append_kv`.
+
+        k, v: [num_tokens, num_kv_heads, head_dim], the plan's dtype
+        k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], the plan's dtype, contiguous
+        """
+        for name, t in (("k", k), ("v", v)):
+            t = check.tensor(name, t)
+            if tuple(t.shape) != self.kv_shape or t.dtype != self.dtype or t.device != self.torch_device:
+                want = f"{self.kv_shape} {self.dtype} on {self.torch_device}"
+                raise ShapeError(name, want, f"{tuple(t.shape)} {t.dtype} {t.device}")
+        kp = _pool_like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device)
+        vp = _pool_like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device)
+        call(self.device, "append_kv", k.contiguous(), v.contiguous(), kp, vp, self.slot_mapping)
+
+
+def plan_append(
+    slot_mapping: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    *,
+    device: str | None = None,
+) -> AppendPlan:
+    """Validate ``slot_mapping`` once (range, uniqueness) for runs of ``append_kv`` into
+    pools of ``k_pages``'s geometry.
+
+    slot_mapping: [num_tokens], int64
+    """
+    pool = check.tensor("k_pages", k_pages)
+    slots = check.tensor("slot_mapping", slot_mapping)
+    if pool.dim() != 4 or slots.dim() != 1:
+        check.shape("k_pages", pool, ["num_pages", "page_size", "num_kv_heads", "head_dim"])
+        check.shape("slot_mapping", slots, ["num_tokens"])
+    kv_shape = (int(slots.shape[0]), int(pool.shape[2]), int(pool.shape[3]))
+    meta = torch.empty_strided(kv_shape, (0, 0, 0), dtype=pool.dtype, device=pool.device)
+    req = check_append_kv(meta, meta, k_pages, v_pages, slot_mapping)
+    dev = registry().select(req, pool.device, device)
+    return AppendPlan(
+        dev,
+        slots.contiguous(),
+        kv_shape,
+        tuple(int(x) for x in pool.shape),  # type: ignore[arg-type]
+        pool.dtype,
+        pool.device,
+    )
