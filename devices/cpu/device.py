@@ -29,7 +29,7 @@ from kvfuse import (
     SegmentTable,
     TransferHandle,
 )
-from kvfuse.devices.cpu import moves
+from kvfuse.devices.cpu import decode, moves
 from kvfuse.devices.cpu.attention import OV_TYPES, ModelCache, Signature
 from kvfuse.ops import _blend, _rope
 
@@ -134,6 +134,23 @@ class CpuDevice(Device):
                 if q0 == q1 or k0 == k1:
                     continue
                 slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
+                if q1 - q0 <= decode.DECODE_MAX_QUERIES and (k1 - k0) * hkv * d <= decode.DECODE_MAX_ELEMENTS:
+                    out[q0:q1], lse[q0:q1] = decode.attend(
+                        q[q0:q1],
+                        q_pos64[q0:q1],
+                        k_rows,
+                        v_rows,
+                        slots,
+                        k_pos,
+                        causal=causal,
+                        sm_scale=sm_scale,
+                        softcap=softcap,
+                        window_left=window_left,
+                        cos=cos if rope is not None else None,
+                        sin=sin if rope is not None else None,
+                        style=rope.style if rope is not None else "neox",
+                    )
+                    continue
                 held: tuple[torch.Tensor, ...] = ()  # the key split gathered last
                 for s0, s1 in self._blocks(q0, q_pos64[q0:q1], k_pos, hq, causal):
                     seen_any, seen_all = self._visibility(k_pos, q_pos64[s0:s1], causal, window_left)

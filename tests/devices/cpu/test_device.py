@@ -12,7 +12,11 @@ pytest.importorskip("openvino")
 
 
 @pytest.fixture
-def cpu() -> CpuDevice:
+def cpu(monkeypatch: pytest.MonkeyPatch) -> CpuDevice:
+    """The cpu device with its torch decode path off: these tests are the OpenVINO graph's."""
+    from kvfuse.devices.cpu import decode
+
+    monkeypatch.setattr(decode, "DECODE_MAX_ELEMENTS", 0)
     dev = kvfuse.registry().get("cpu")
     assert isinstance(dev, CpuDevice)
     return dev
@@ -140,3 +144,26 @@ def test_causal_blocks_leave_out_keys_no_query_sees(cpu: CpuDevice, monkeypatch:
     _assert_matches(_call(cpu, p), dense_attention(p))
     # per block: k and v of the keys every query sees, then of the diagonal block's keys
     assert gathered[::2] == [1, 63, 65, 63, 129, 63, 193, 63, 257, 43]
+
+
+@pytest.mark.parametrize("causal, window, softcap", [(True, -1, 0.0), (False, 5, 0.0), (True, 30, 8.0)])
+def test_decode_path_matches_the_graph_and_compiles_nothing(
+    monkeypatch: pytest.MonkeyPatch, causal: bool, window: int, softcap: float
+) -> None:
+    """Few queries over few key elements run in torch (no OpenVINO compile) and agree with
+    the OpenVINO graph to fp32 rounding; above the crossover the graph runs."""
+    from kvfuse.devices.cpu import decode
+
+    dev = kvfuse.registry().get("cpu")
+    assert isinstance(dev, CpuDevice)
+    monkeypatch.setattr(dev, "models", type(dev.models)(capacity=4))
+    rope = kvfuse.RopeConfig(max_position=512)
+    p = make_problem([[(300, 0), (9, 300)], [(17, 40)]], [[308, 309], [56]], hq=9, hkv=3, seed=4)
+    kw = {"causal": causal, "window_left": window, "softcap": softcap, "rope": rope}
+    fast = _call(dev, p, **kw)
+    assert dev.models.compiles == 0
+    monkeypatch.setattr(decode, "DECODE_MAX_ELEMENTS", 0)
+    graph = _call(dev, p, **kw)
+    assert dev.models.compiles >= 1  # the graph (one or two key parts)
+    assert torch.allclose(fast[0], graph[0], atol=2e-6) and torch.equal(fast[1].isinf(), graph[1].isinf())
+    assert torch.allclose(fast[1][~fast[1].isinf()], graph[1][~graph[1].isinf()], atol=2e-6)
