@@ -207,10 +207,9 @@ def _blend_select(
     stored = torch.randn(n, 2, 64, generator=g).to(dtype)
     fresh = (stored.float() + torch.randn(n, 1, 1, generator=g) * torch.randn(n, 2, 64, generator=g)).to(dtype)
     always = torch.arange(n - 5, n) if p["always"] else None
-    _, count = _blend.check_blend_select(stored, fresh, p["ratio"], always)
+    req, count = _blend.check_blend_select(stored, fresh, p["ratio"], always)  # the same on any torch device
     ref = _blend.blend_select_reference(stored, fresh, count, always)
     stored, fresh, always = place((stored, fresh, always), tdev)
-    req, _ = _blend.check_blend_select(stored, fresh, p["ratio"], always)
     missing = _gate(device, [req], lambda: kvfuse.blend_select(stored, fresh, p["ratio"], always=always, device=device))
     if missing:
         return missing

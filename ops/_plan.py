@@ -48,17 +48,21 @@ def _planned(segments: SegmentTable, page_size: int) -> _Planned:
     return table
 
 
-def _pool_like(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A pool of the plan's geometry: metadata checks only."""
-    pool = check.tensor(name, t)
-    if tuple(pool.shape) != shape:
-        raise ShapeError(name, f"a pool of the plan's shape {shape}", f"shape {tuple(pool.shape)}")
-    if pool.dtype != dtype:
-        raise DTypeError(name, f"the plan's dtype {dtype}", str(pool.dtype))
-    if pool.device != device:
-        raise DeviceMismatchError(name, f"a tensor on the plan's device {device}", str(pool.device))
-    check.contiguous(name, pool)
-    return pool
+def _like(
+    name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, pool: bool = False
+) -> torch.Tensor:
+    """A tensor of the plan's shape, dtype and device (a contiguous one for a pool):
+    metadata checks only, each a typed error naming ``name``."""
+    x = check.tensor(name, t)
+    if tuple(x.shape) != shape:
+        raise ShapeError(name, f"the plan's shape {shape}", f"shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise DTypeError(name, f"the plan's dtype {dtype}", str(x.dtype))
+    if x.device != device:
+        raise DeviceMismatchError(name, f"a tensor on the plan's device {device}", str(x.device))
+    if pool:
+        check.contiguous(name, x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,9 @@ class AttentionPlan:
         q: [num_q_tokens, num_q_heads, head_dim], the plan's dtype
         k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], the plan's dtype, contiguous
         """
-        q = check.tensor("q", q)
-        if tuple(q.shape) != self.q_shape:
-            raise ShapeError("q", f"the plan's shape {self.q_shape}", f"shape {tuple(q.shape)}")
-        if q.dtype != self.dtype:
-            raise DTypeError("q", f"the plan's dtype {self.dtype}", str(q.dtype))
-        if q.device != self.torch_device:
-            raise DeviceMismatchError("q", f"a tensor on the plan's device {self.torch_device}", str(q.device))
-        k = _pool_like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device)
-        v = _pool_like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device)
+        q = _like("q", q, self.q_shape, self.dtype, self.torch_device)
+        k = _like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device, pool=True)
+        v = _like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device, pool=True)
         args = (q.contiguous(), self.q_indptr, self.q_pos, k, v, self.segments)
         result: tuple[torch.Tensor, torch.Tensor] = call(self.device, "fusion_attention", *args, **self.kwargs)
         return result
@@ -169,13 +167,10 @@ class AppendPlan:
         k, v: [num_tokens, num_kv_heads, head_dim], the plan's dtype
         k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], the plan's dtype, contiguous
         """
-        for name, t in (("k", k), ("v", v)):
-            t = check.tensor(name, t)
-            if tuple(t.shape) != self.kv_shape or t.dtype != self.dtype or t.device != self.torch_device:
-                want = f"{self.kv_shape} {self.dtype} on {self.torch_device}"
-                raise ShapeError(name, want, f"{tuple(t.shape)} {t.dtype} {t.device}")
-        kp = _pool_like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device)
-        vp = _pool_like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device)
+        k = _like("k", k, self.kv_shape, self.dtype, self.torch_device)
+        v = _like("v", v, self.kv_shape, self.dtype, self.torch_device)
+        kp = _like("k_pages", k_pages, self.pool_shape, self.dtype, self.torch_device, pool=True)
+        vp = _like("v_pages", v_pages, self.pool_shape, self.dtype, self.torch_device, pool=True)
         call(self.device, "append_kv", k.contiguous(), v.contiguous(), kp, vp, self.slot_mapping)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._paged import PAGE_SIZE, Step
-from kvfuse.hf._reuse import ingest
+from kvfuse.hf._reuse import fill_misses
 from kvfuse.ops import append_kv, blend_select
 from kvfuse.store import TieredStore, plan
 
@@ -50,11 +50,11 @@ def blended(
     """Blend ``chunks + question`` (steps 1-4 above); the chunks are stored first if missing."""
     if not question:
         raise ValueError("blending needs at least one question token")
-    ingest(model, store, chunks)
     inner, device = model.model, store.pool.device
     ids = [t for c in chunks for t in c] + list(question)
     total, n_ctx = len(ids), sum(len(c) for c in chunks)
     with plan(store, chunks, live_tokens=0) as p, PagedCache(model, store=store) as scratch, torch.no_grad():
+        fill_misses(model, store, p, chunks)
         rows = scratch.rows
         positions = torch.arange(total, device=device)
         full: Step = rows.step(torch.ones(1, total, dtype=torch.bool, device=device), positions[None])

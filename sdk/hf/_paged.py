@@ -119,6 +119,11 @@ class PagedRows:
         )
         return prefix, live
 
+    def adopt(self, pages: list[int]) -> None:
+        """One row whose tokens go into ``pages``, lent by the caller (``take`` hands them
+        back before ``release`` could free them)."""
+        self.pages, self.length, self.start, self.prefix = [list(pages)], [0], [None], [[]]
+
     def take(self, row: int = 0) -> tuple[list[int], int]:
         """Hand row ``row``'s live pages and token count to the caller (e.g. to commit
         them to a store as a chunk); the row keeps nothing."""

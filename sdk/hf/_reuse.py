@@ -11,7 +11,7 @@ import torch
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._enable import settings
 from kvfuse.hf._paged import PAGE_SIZE
-from kvfuse.store import KVPool, Namespace, TieredStore, chunk_key, plan
+from kvfuse.store import KVPool, Namespace, Plan, TieredStore, plan
 
 
 def namespace(model: Any, model_id: str | None = None) -> Namespace:
@@ -38,19 +38,25 @@ def make_store(model: Any, num_pages: int, **kwargs: Any) -> TieredStore:
     return TieredStore(ns, KVPool(ns, num_pages, device=next(model.parameters()).device), **kwargs)
 
 
+def fill_misses(model: Any, store: TieredStore, p: Plan, chunks: Sequence[Sequence[int]]) -> None:
+    """Compute each chunk the plan missed alone, at positions 0..n-1, into the pages the
+    plan lent for it, and commit it (pinned for the plan until it closes)."""
+    for i in p.misses:
+        with PagedCache(model, store=store) as cache, torch.no_grad():
+            cache.rows.adopt(p.pages[i])
+            model(torch.tensor([list(chunks[i])], device=cache.rows.device), cache=cache, use_cache=True)
+            cache.rows.take(0)  # the pages stay the plan's
+        p.commit(i)
+
+
 def ingest(model: Any, store: TieredStore, chunks: Sequence[Sequence[int]]) -> int:
-    """Prefill every chunk that is not stored yet, alone at positions 0..n-1, into the
-    store's pages and commit it; returns how many were computed."""
+    """Prefill every chunk that is not stored yet, alone at positions 0..n-1, and store
+    it; returns how many were computed."""
     done = 0
     for chunk in chunks:
-        key = chunk_key(store.namespace, list(chunk))
-        if store.fetch(key) is not None:
-            continue
-        with PagedCache(model, store=store) as cache, torch.no_grad():
-            model(torch.tensor([list(chunk)], device=cache.rows.device), cache=cache, use_cache=True)
-            pages, n = cache.rows.take(0)
-        store.commit(key, pages, n)
-        done += 1
+        with plan(store, [chunk], live_tokens=0) as p:
+            fill_misses(model, store, p, [chunk])
+            done += len(p.misses)
     return done
 
 
@@ -61,8 +67,8 @@ def generate_with_chunks(
     KV comes from the store (computed there first if missing), placed at their positions
     in this prompt; only the question is prefilled. Returns generate's output ids
     ``[1, prompt + new]``."""
-    ingest(model, store, chunks)
     with plan(store, chunks, live_tokens=0) as p:
+        fill_misses(model, store, p, chunks)
         prefix = list(zip(p.pages, p.lengths, p.positions))
         ids = torch.tensor([[t for c in chunks for t in c] + list(question)], device=store.pool.device)
         with PagedCache(model, store=store, prefix=prefix) as cache:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from kvfuse.hf import PagedCache, blend_generate, generate_with_chunks, ingest
 from kvfuse.hf._blend import blended
+from kvfuse.hf._reuse import fill_misses
 from kvfuse.store import TieredStore, chunk_key, plan
 
 
@@ -72,12 +73,12 @@ class RagPipeline:
         self, chunks: Sequence[Sequence[int]], question: Sequence[int], split: tuple[str, str] | None = None
     ) -> Answer:
         start = time.perf_counter()
-        misses = self.ingest(chunks)
         with plan(self.store, chunks, live_tokens=0) as p, torch.no_grad():
+            fill_misses(self.model, self.store, p, chunks)
             prefix = list(zip(p.pages, p.lengths, p.positions))
             with PagedCache(self.model, store=self.store, prefix=prefix, split=split) as cache:
                 logits = self.model(self._ids(question), cache=cache, use_cache=True).logits[0, -1].float()
-        return Answer(logits, time.perf_counter() - start, len(set(p.keys)) - misses, misses)
+        return Answer(logits, time.perf_counter() - start, len(p.hits), len(p.misses))
 
     def blend(self, chunks: Sequence[Sequence[int]], question: Sequence[int], ratio: float = 0.15) -> Answer:
         start = time.perf_counter()

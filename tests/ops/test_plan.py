@@ -52,3 +52,19 @@ def test_append_plan_writes_what_append_kv_writes() -> None:
     plan.run(k, v, *a)
     kvfuse.append_kv(k, v, *b, slots)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_append_runs_name_the_argument_and_its_kind_of_error() -> None:
+    p = make_problem([[(20, 0)]], [[19]])
+    plan = kvfuse.plan_append(torch.tensor([5, 6]), p.k_pages, p.v_pages)
+    k = torch.randn(2, 2, 64)
+    before = p.k_pages.clone()
+    for args, err, name in (
+        ((k[:1], k, p.k_pages, p.v_pages), kvfuse.ShapeError, "k"),
+        ((k, k.half(), p.k_pages, p.v_pages), kvfuse.DTypeError, "v"),
+        ((k, k, p.k_pages[:-1], p.v_pages), kvfuse.ShapeError, "k_pages"),
+    ):
+        with pytest.raises(err) as info:
+            plan.run(*args)
+        assert info.value.argument == name
+    assert torch.equal(p.k_pages, before)

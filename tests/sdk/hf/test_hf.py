@@ -258,3 +258,18 @@ def test_a_forward_outside_no_grad_runs() -> None:
     with kvfuse.hf.PagedCache(model) as cache:
         logits = model(ids, cache=cache).logits
     assert (logits - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_reuse_fills_what_the_store_misses_inside_the_plan() -> None:
+    """Chunks the store has not seen are computed into the pages their plan lends and
+    pinned until it closes; nothing is looked up twice."""
+    ref = tiny("llama-gqa")
+    model = kvfuse.hf.enable(copy.deepcopy(ref), device="reference")
+    store = kvfuse.hf.make_store(model, num_pages=32)
+    g = torch.Generator().manual_seed(7)
+    doc, question = (torch.randint(1, 96, (n,), generator=g).tolist() for n in (19, 4))
+    kw = {"max_new_tokens": 5, "do_sample": False}
+    out = kvfuse.hf.generate_with_chunks(model, store, [doc], question, **kw)
+    assert torch.equal(out, ref.generate(torch.tensor([doc + question]), **kw))
+    assert store.stats.misses == 1 and sum(store.stats.hits.values()) == 0
+    assert store.audit()["lent"] == [] and kvfuse.hf.ingest(model, store, [doc]) == 0
