@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from kvfuse._errors import InvalidValueError
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._paged import PAGE_SIZE, Step
 from kvfuse.hf._reuse import fill_misses
@@ -49,7 +50,7 @@ def blended(
 ) -> Iterator[Blended]:
     """Blend ``chunks + question`` (steps 1-4 above); the chunks are stored first if missing."""
     if not question:
-        raise ValueError("blending needs at least one question token")
+        raise InvalidValueError("question", "at least one token (blending decodes after it)", 0)
     inner, device = model.model, store.pool.device
     ids = [t for c in chunks for t in c] + list(question)
     total, n_ctx = len(ids), sum(len(c) for c in chunks)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from kvfuse._errors import InvalidValueError
 from kvfuse.hf import PagedCache, blend_generate, generate_with_chunks, ingest
 from kvfuse.hf._blend import blended
 from kvfuse.hf._reuse import fill_misses
@@ -101,7 +102,7 @@ class RagPipeline:
         if mode == "blend":
             return blend_generate(self.model, self.store, chunks, question, ratio, **generate_kwargs)[0]
         if mode != "full":
-            raise ValueError(f"mode must be 'full', 'reuse' or 'blend', got {mode!r}")
+            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
         ids = self._ids([t for c in chunks for t in c] + list(question))
         with PagedCache(self.model) as cache:
             out: torch.Tensor = self.model.generate(ids, cache=cache, **generate_kwargs)

@@ -273,3 +273,11 @@ def test_reuse_fills_what_the_store_misses_inside_the_plan() -> None:
     assert torch.equal(out, ref.generate(torch.tensor([doc + question]), **kw))
     assert store.stats.misses == 1 and sum(store.stats.hits.values()) == 0
     assert store.audit()["lent"] == [] and kvfuse.hf.ingest(model, store, [doc]) == 0
+
+
+def test_blend_without_a_question_is_a_contract_error() -> None:
+    model = kvfuse.hf.enable(tiny("llama-gqa"), device="reference")
+    store = kvfuse.hf.make_store(model, num_pages=16)
+    with pytest.raises(kvfuse.InvalidValueError) as info:
+        kvfuse.hf.blend_generate(model, store, [[1, 2, 3]], [], max_new_tokens=2)
+    assert info.value.argument == "question" and store.audit()["lent"] == []
