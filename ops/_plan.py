@@ -12,8 +12,9 @@ results are bit-identical (the conformance suite checks it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from kvfuse._device import Device
@@ -26,18 +27,29 @@ from kvfuse.ops._moves import check_append_kv
 from kvfuse.ops._rope import RopeConfig
 from kvfuse.ops._segments import FlatSegments, SegmentTable
 
+T = TypeVar("T")
+
 
 class _Planned(SegmentTable):
-    """A segment table whose flattening was done by the plan (devices flatten through
-    ``flatten``; a planned run does not pay for it again)."""
+    """A segment table whose flattening was done by the plan, and which keeps what devices
+    derive from it (``memo``): a planned run pays for neither again."""
 
     _flat: FlatSegments
     _page_size: int
+    _memo: dict[tuple[object, ...], tuple[tuple[object, ...], Any]]
 
     def flatten(self, page_size: int) -> FlatSegments:
         if page_size == self._page_size:
             return self._flat
         return super().flatten(page_size)
+
+    def memo(self, key: tuple[object, ...], make: Callable[[], T]) -> T:
+        ident = tuple((id(x), x._version) if isinstance(x, torch.Tensor) else x for x in key)
+        held = self._memo.get(ident)
+        if held is None:  # the entry keeps key's tensors alive, so their ids stay theirs
+            held = self._memo[ident] = (key, make())
+        result: T = held[1]
+        return result
 
 
 def _planned(segments: SegmentTable, page_size: int) -> _Planned:
@@ -45,6 +57,7 @@ def _planned(segments: SegmentTable, page_size: int) -> _Planned:
     table = _Planned(dense.seg_indptr, dense.page_indptr, dense.page_indices, dense.seg_len, dense.seg_pos)
     object.__setattr__(table, "_page_size", page_size)
     object.__setattr__(table, "_flat", dense.flatten(page_size))
+    object.__setattr__(table, "_memo", {})
     return table
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from kvfuse._errors import ShapeError
 from kvfuse.ops import _checks as check
+
+T = TypeVar("T")
 
 
 class Segment(NamedTuple):
@@ -118,6 +120,15 @@ class SegmentTable:
         tok_indptr = torch.cat([seg_start, seg_start.new_tensor([total])])
         kv_indptr = tok_indptr[self.seg_indptr.long()]
         return FlatSegments(kv_indptr, slots, k_pos)
+
+    def memo(self, key: tuple[object, ...], make: Callable[[], T]) -> T:
+        """``make()``: what a device derives from this table and ``key`` (index lists,
+        gathered table rows, per-request paths). A planned table (``kvfuse.plan_attention``)
+        keeps the result for the plan's lifetime, so every layer's run reuses it; a one-shot
+        call's table derives it again, through the same code, so both paths compute the
+        same values. ``key`` names everything the result depends on besides the table;
+        tensors in it count by identity and version (an in-place write is a new key)."""
+        return make()
 
     def validate(self, *, batch: int, num_pages: int, page_size: int, device: torch.device) -> int:
         """Check every field against CONTRACTS.md; raises a ContractError naming the field.

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # the RAG stack loads when a bench runs, not when the CLI starts
-    from kvfuse.rag import Answer
+    from kvfuse.rag import Prefill
 
 
-def _median(fn: Callable[[], Answer], repeat: int) -> Answer:
+def _median(fn: Callable[[], Prefill], repeat: int) -> Prefill:
     runs = [fn() for _ in range(repeat)]
     runs.sort(key=lambda a: a.seconds)
     return runs[len(runs) // 2]
@@ -80,14 +80,14 @@ def run_rag(
     config = model.config
     chunk_len = context_tokens // chunks
     store = make_store(model, context_tokens, chunks, question_tokens)
-    from kvfuse.rag import Answer, RagPipeline, deviation
+    from kvfuse.rag import Prefill, RagPipeline, deviation
 
-    pipe = RagPipeline(model, store)
+    pipe = RagPipeline(model, store=store)
     g = torch.Generator().manual_seed(seed + 1)
     # warm-up on a small request: compiles every model/session signature once
     small = [docs[0][:32]]
     pipe.full(small, question[:4]), pipe.reuse(small, question[:4]), pipe.blend(small, question[:4], ratio)
-    ingest = _median(lambda: Answer(torch.zeros(1), _timed(lambda: pipe.ingest(docs))), 1).seconds
+    ingest = _median(lambda: Prefill(torch.zeros(1), _timed(lambda: pipe.ingest(docs))), 1).seconds
     order = [docs[i] for i in torch.randperm(chunks, generator=g).tolist()]  # retrieved in a new order
     before = store.stats.hits.copy(), store.stats.misses
     full = _median(lambda: pipe.full(order, question), repeat)
@@ -168,7 +168,7 @@ def run_remote(
             )
             from kvfuse.rag import RagPipeline, deviation
 
-            pipe = RagPipeline(model, store)
+            pipe = RagPipeline(model, store=store)
             small = [[t + 1 for t in docs[0][:32]]]
             pipe.full(small, question[:4]), pipe.reuse(small, question[:4])  # warm-up (compiles)
             full = pipe.full(docs, question)
@@ -229,7 +229,14 @@ def _print(r: dict[str, Any]) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    if args.model != "random":  # a trained model: quality and TTFT vs HF transformers
+        from kvfuse._bench_rag_model import cmd
+
+        return cmd(args)
     import kvfuse
+
+    args.context_tokens = max(int(x) for x in str(args.context_tokens or "8192").split(","))
+    args.ratio = (args.ratio or [0.15])[0]
 
     reg = kvfuse.registry()
     device = (
@@ -301,18 +308,32 @@ def _plot(device: str, top: int, common: dict[str, Any], path: str, last: dict[s
 
 
 def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
-    p = bench_sub.add_parser("rag", help="TTFT of full prefill vs stored-KV reuse vs CacheBlend recompute")
-    p.add_argument("--device", metavar="NAME", help="kvfuse device (default: the best available)")
-    p.add_argument("--context-tokens", type=int, default=8192)
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--question-tokens", type=int, default=64)
-    p.add_argument("--ratio", type=float, default=0.15, help="blend_select ratio for (c)")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=1, help="runs per mode (median)")
-    p.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--plot", metavar="PATH", help="PNG of TTFT vs context length (needs matplotlib)")
+    p = bench_sub.add_parser(
+        "rag", help="RAG on a trained model: answer quality and TTFT of HF vs kvfuse full / reuse / blend"
+    )
     p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="kvfuse.hf.from_pretrained name or path; 'random' for the random-weight Llama (TTFT and KL only)",
+    )
+    p.add_argument("--device", metavar="NAME", help="kvfuse device (default: the best available)")
+    p.add_argument(
+        "--context-tokens", metavar="N[,N...]", help="context lengths (default 1024,2048,4096,8192; random: 8192)"
+    )
+    p.add_argument("--ratio", type=float, action="append", help="blend ratio (repeatable; default 0.05 0.15 0.3)")
+    p.add_argument("--questions", type=int, default=16, help="QA-set questions for the quality scores")
+    p.add_argument("--docs", type=int, default=5, help="documents per QA question (the needed ones + distractors)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH", help="PNG: TTFT vs context and quality vs ratio (needs matplotlib)")
+    g = p.add_argument_group("random-weight model (--model random)")
+    g.add_argument("--chunks", type=int, default=8)
+    g.add_argument("--question-tokens", type=int, default=64)
+    g.add_argument("--layers", type=int, default=16)
+    g.add_argument("--repeat", type=int, default=1, help="runs per mode (median)")
+    g.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
+    g.add_argument(
         "--remote",
         action="store_true",
         help="two processes over Mooncake Store: one publishes chunk KV, this one answers from it",

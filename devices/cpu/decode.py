@@ -3,71 +3,164 @@
 For one query token an OpenVINO inference costs a fixed ~0.4 ms plus a staging gather;
 for real models' decode (a handful of heads, head_dim 64-128, one token) that fixed cost
 is most of the call. Here the request's keys and values are gathered with one
-``index_select`` each, rotated in fp32 from the contract's table rows, and scored with
-batched matmuls per kv head, all in fp32. ``device.py`` picks this path for at most
-``DECODE_MAX_QUERIES`` queries over at most ``DECODE_MAX_ELEMENTS`` key elements
-(keys × kv heads × head_dim), the crossover measured on this VM (bench ops, medians of 5,
-fp32, ms torch / OpenVINO): SmolLM2 9/3/64 at 1k keys (196k elements) 0.55 / 1.14,
-Qwen2.5 14/2/64 at 4k (524k) 0.82 / 1.15; Llama-3-8B 32/8/128 at 1k (1M) 3.90 / 1.83,
-SmolLM2 at 4k (786k) 2.68 / 1.48.
+``index_select`` each, rotated in fp32 from the contract's table rows, and scored per kv
+head, all in fp32. ``device.py`` picks this path for at most ``DECODE_MAX_QUERIES`` queries over at most
+``DECODE_MAX_ELEMENTS`` key elements (keys × kv heads × head_dim). With the fused kernel,
+per-thread staging buffers and per-plan derivation it beat the OpenVINO graph at every
+real-model decode shape measured on this VM (bench ops, planned runs, fp32, ms torch /
+OpenVINO): SmolLM2 9/3/64 at 4k 0.58 / 0.80, Qwen2.5 14/2/64 at 4k 0.29 / 0.63,
+Llama-3-8B 32/8/128 at 1k 0.61 / 1.21 and at 4k 3.90 / 5.20; the bound caps the staging
+memory (64 MiB per fp32 buffer), not speed.
+
+What does not change between layers (table rows of every position, the visibility mask)
+is derived once per plan by :func:`prepare` (``SegmentTable.memo``); :func:`attend` runs
+per layer. Where every query sees every key (a decode step), scores, softmax and the
+weighted sum are one fused kernel (torch's cpu flash attention, which returns the lse);
+otherwise batched matmuls with the mask.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 
 import torch
 from kvfuse.ops._rope import rotate
 
-DECODE_MAX_ELEMENTS = 1 << 19  # keys × kv heads × head_dim: the measured crossover
+DECODE_MAX_ELEMENTS = 1 << 24  # keys × kv heads × head_dim: bounds the staging buffers
 DECODE_MAX_QUERIES = 4
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_local = threading.local()
 
 
-def attend(
-    q: torch.Tensor,
+@dataclass(frozen=True)
+class Request:
+    """One request's decode, as its plan fixes it (the same for every layer).
+
+    slots: [n_k], int64
+    rope: cos, sin rows at the queries' then the keys' positions, [n_q or n_k, rotary_dim // 2], fp32, or None
+    hidden: [n_q, n_k], bool — True where a query must not see a key; None when all see all
+    """
+
+    q0: int
+    q1: int
+    slots: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    hidden: torch.Tensor | None
+
+
+def prepare(
+    q0: int,
     q_pos: torch.Tensor,
-    k_rows: torch.Tensor,
-    v_rows: torch.Tensor,
     slots: torch.Tensor,
     k_pos: torch.Tensor,
     *,
     causal: bool,
-    sm_scale: float,
-    softcap: float,
     window_left: int,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    style: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One request's attention in fp32.
+    table: tuple[torch.Tensor, torch.Tensor] | None,
+) -> Request:
+    """What :func:`attend` needs besides the layer's q and pools.
 
-    q: [n_q, num_q_heads, head_dim]; q_pos: [n_q], int64
-    k_rows, v_rows: [num_pages * page_size, num_kv_heads, head_dim] (the pools by slot)
-    slots, k_pos: [n_k], int64
-    Returns out: [n_q, num_q_heads, head_dim], fp32 and lse: [n_q, num_q_heads], fp32
+    q_pos: [n_q], int64; slots, k_pos: [n_k], int64
+    table: the RoPE cos/sin table, [max_position, rotary_dim // 2], fp32, or None
     """
-    n_q, hq, d = q.shape
-    hkv = k_rows.shape[1]
-    keys = k_rows.index_select(0, slots).float()
-    values = v_rows.index_select(0, slots).float()
-    queries = q.float()
-    if cos is not None and sin is not None:
-        queries = rotate(queries, cos[q_pos], sin[q_pos], style)
-        keys = rotate(keys, cos[k_pos], sin[k_pos], style)
-    g = hq // hkv
-    qg = (queries * sm_scale).view(n_q, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n_q * g, d)
-    scores = torch.bmm(qg, keys.permute(1, 2, 0))  # [hkv, n_q * g, n_k]
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.view(hkv, n_q, g, -1)
-    visible = torch.ones(n_q, k_pos.shape[0], dtype=torch.bool)
+    visible = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool)
     if causal:
         visible &= k_pos[None, :] <= q_pos[:, None]
     if window_left >= 0:
         visible &= q_pos[:, None] - k_pos[None, :] <= window_left
-    scores = scores.masked_fill(~visible[None, :, None, :], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)  # [hkv, n_q, g]; -inf where nothing is visible
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-    out = torch.bmm(probs.reshape(hkv, n_q * g, -1), values.permute(1, 0, 2))  # [hkv, n_q * g, d]
-    out = out.view(hkv, n_q, g, d).permute(1, 0, 2, 3).reshape(n_q, hq, d)
+    rows = None
+    if table is not None:
+        cos, sin = table
+        rows = (cos[q_pos], sin[q_pos], cos[k_pos], sin[k_pos])
+    hidden = None if bool(visible.all()) else ~visible
+    return Request(q0, q0 + int(q_pos.shape[0]), slots, rows, hidden)
+
+
+def _staging(which: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reused per-thread buffer of ``shape`` (a fresh one would page-fault in on every
+    call: on this VM that tripled the cost of a 4k-key gather)."""
+    held = _local.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = held.get((which, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = held[(which, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _gather(which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``rows[slots]`` head-major, [num_kv_heads, n_k, head_dim], in rows' dtype (a staging buffer)."""
+    out = _staging(which, (rows.shape[1], slots.shape[0], rows.shape[2]), rows.dtype)
+    for h in range(rows.shape[1]):
+        torch.index_select(rows[:, h], 0, slots, out=out[h])
+    return out
+
+
+def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Head-major keys rotated in fp32 into a staging buffer.
+
+    keys: [num_kv_heads, n_k, head_dim]; cos, sin: [n_k, rotary_dim // 2], fp32
+    Returns: [num_kv_heads, n_k, head_dim], fp32
+    """
+    out = _staging(2, tuple(keys.shape), torch.float32)
+    half = cos.shape[-1]
+    a, b = (
+        (slice(0, half), slice(half, 2 * half)) if style == "neox" else (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
+    )
+    x1, x2 = keys[..., a].float(), keys[..., b].float()
+    torch.mul(x1, cos, out=out[..., a]).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=out[..., b]).addcmul_(x1, sin)
+    if 2 * half < keys.shape[-1]:
+        out[..., 2 * half :] = keys[..., 2 * half :]
+    return out
+
+
+def attend(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    req: Request,
+    *,
+    sm_scale: float,
+    softcap: float,
+    style: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's attention in fp32.
+
+    q: [n_q, num_q_heads, head_dim]
+    k_rows, v_rows: [num_pages * page_size, num_kv_heads, head_dim] (the pools by slot)
+    Returns out: [n_q, num_q_heads, head_dim], fp32 and lse: [n_q, num_q_heads], fp32
+    """
+    n_q, hq, d = q.shape
+    hkv = k_rows.shape[1]
+    keys, values = _gather(0, k_rows, req.slots), _gather(1, v_rows, req.slots)  # [hkv, n_k, d]
+    queries = q
+    if req.rope is not None:  # rotated in fp32, and kept in fp32 (a bf16 rounding would cost accuracy)
+        cq, sq, ck, sk = req.rope
+        queries, keys = rotate(q.float(), cq, sq, style), _rotate_keys(keys, ck, sk, style)
+    if keys.dtype != torch.float32 or softcap > 0 or req.hidden is not None:
+        keys, values, queries = keys.float(), values.float(), queries.float()
+    if values.dtype != keys.dtype:  # bf16 values beside rotated fp32 keys
+        values = _staging(3, tuple(values.shape), torch.float32).copy_(values)
+    g = hq // hkv
+    qg = queries.reshape(n_q, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n_q * g, d)
+    if req.hidden is None and softcap <= 0:
+        # kv heads as the batch, one head each: [hkv, 1, n_q * g, d] over [hkv, 1, n_k, d];
+        # 16-bit inputs without RoPE go in as they are (the kernel accumulates in fp32)
+        o, lse = _flash(qg[:, None], keys[:, None], values[:, None], scale=sm_scale)
+        o, lse = o[:, 0].float(), lse[:, 0].view(hkv, n_q, g)
+    else:
+        scores = torch.bmm(qg * sm_scale, keys.transpose(1, 2))  # [hkv, n_q * g, n_k]
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.view(hkv, n_q, g, -1)
+        if req.hidden is not None:
+            scores = scores.masked_fill(req.hidden[None, :, None, :], -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)  # [hkv, n_q, g]; -inf where nothing is visible
+        probs = torch.exp(scores - lse[..., None])
+        if req.hidden is not None:
+            probs = probs.nan_to_num(0.0)
+        o = torch.bmm(probs.reshape(hkv, n_q * g, -1), values)  # [hkv, n_q * g, d]
+    out = o.view(hkv, n_q, g, d).permute(1, 0, 2, 3).reshape(n_q, hq, d)
     return out, lse.permute(1, 0, 2).reshape(n_q, hq)

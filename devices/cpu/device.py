@@ -15,7 +15,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from kvfuse import (
 from kvfuse.devices.cpu import decode, moves
 from kvfuse.devices.cpu.attention import OV_TYPES, ModelCache, Signature
 from kvfuse.ops import _blend, _rope
+from kvfuse.ops._segments import FlatSegments
 
 _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-cpu-copy")
 SCORE_BYTES = 256 << 20  # largest fp32 score tensor one inference may materialise
@@ -47,6 +48,56 @@ def _ov_input(t: torch.Tensor) -> object:
     if t.dtype == torch.bfloat16:
         return ov.Tensor(t.view(torch.int16).numpy(), list(t.shape), ov.Type.bf16)
     return ov.Tensor(t.numpy(), shared_memory=True)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Per plan: which requests take the decode path (with what they derive once), and
+    which (q0, q1, k0, k1) query and key ranges go to OpenVINO.
+
+    q_pos: [num_q_tokens], int64
+    """
+
+    flat: FlatSegments
+    q_pos: torch.Tensor
+    causal: bool
+    decode: list[decode.Request]
+    rest: list[tuple[int, int, int, int]]
+
+
+def _route(
+    q_indptr: torch.Tensor,
+    q_pos: torch.Tensor,
+    segments: SegmentTable,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    causal: bool,
+    window_left: int,
+    rope: RopeConfig | None,
+) -> _Route:
+    """Route each request of a call: the decode path for at most DECODE_MAX_QUERIES queries
+    over at most DECODE_MAX_ELEMENTS key elements, OpenVINO otherwise; empty ones nowhere.
+
+    q_indptr: [batch + 1], int32; q_pos: [num_q_tokens], int32
+    """
+    flat = segments.flatten(page_size)
+    qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
+    q_pos64 = q_pos.to(torch.int64)
+    table = rope.table(head_dim) if rope is not None else None
+    route = _Route(flat, q_pos64, causal, [], [])
+    for b in range(len(qi) - 1):
+        q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
+        if q0 == q1 or k0 == k1:
+            continue
+        if q1 - q0 <= decode.DECODE_MAX_QUERIES and (k1 - k0) * num_kv_heads * head_dim <= decode.DECODE_MAX_ELEMENTS:
+            slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
+            route.decode.append(
+                decode.prepare(q0, q_pos64[q0:q1], slots, k_pos, causal=causal, window_left=window_left, table=table)
+            )
+        else:
+            route.rest.append((q0, q1, k0, k1))
+    return route
 
 
 class CpuDevice(Device):
@@ -97,7 +148,59 @@ class CpuDevice(Device):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_q, hq, d = q.shape
         _, page_size, hkv, _ = k_pages.shape
+        key = ("cpu", page_size, hkv, d, q_indptr, q_pos, causal, window_left, rope)
+        route = segments.memo(
+            key, lambda: _route(q_indptr, q_pos, segments, page_size, hkv, d, causal, window_left, rope)
+        )
+        k_rows, v_rows = k_pages.view(-1, hkv, d), v_pages.view(-1, hkv, d)
+        style = rope.style if rope is not None else "neox"
+        if len(route.decode) == 1 and not route.rest and route.decode[0].q1 - route.decode[0].q0 == num_q:
+            # one request, all of it on the decode path: its result is the call's
+            o, lse = decode.attend(q, k_rows, v_rows, route.decode[0], sm_scale=sm_scale, softcap=softcap, style=style)
+            return o.to(q.dtype), lse
+        out = torch.zeros(num_q, hq, d, dtype=torch.float32)
+        lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
+        for req in route.decode:
+            out[req.q0 : req.q1], lse[req.q0 : req.q1] = decode.attend(
+                q[req.q0 : req.q1], k_rows, v_rows, req, sm_scale=sm_scale, softcap=softcap, style=style
+            )
+        if route.rest:
+            self._openvino(
+                q,
+                route,
+                k_rows,
+                v_rows,
+                out,
+                lse,
+                sm_scale=sm_scale,
+                softcap=softcap,
+                window_left=window_left,
+                rope=rope,
+            )
+        return out.to(q.dtype), lse
+
+    def _openvino(
+        self,
+        q: torch.Tensor,
+        route: _Route,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        sm_scale: float,
+        softcap: float,
+        window_left: int,
+        rope: RopeConfig | None,
+    ) -> None:
+        """The requests the decode path does not take, as OpenVINO inferences into out/lse.
+
+        q: [num_q_tokens, num_q_heads, head_dim]; out: the same, fp32; lse: [num_q_tokens, num_q_heads], fp32
+        """
+        _, hq, d = q.shape
+        hkv = k_rows.shape[1]
         rotary = rope.dims(d) if rope is not None else 0
+        causal = route.causal
         base = Signature(
             OV_TYPES[q.dtype],
             hq,
@@ -111,16 +214,7 @@ class CpuDevice(Device):
             "f32",
             sm_scale,
         )
-        flat = segments.flatten(page_size)
-        k_rows, v_rows = k_pages.view(-1, hkv, d), v_pages.view(-1, hkv, d)
-        if rope is not None:
-            cos, sin = rope.table(d)
-        else:
-            cos = sin = torch.zeros(1, 1)
-        out = torch.zeros(num_q, hq, d, dtype=torch.float32)
-        lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32)
-        qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
-        q_pos64 = q_pos.to(torch.int64)
+        cos, sin = rope.table(d) if rope is not None else (torch.zeros(1, 1), torch.zeros(1, 1))
         sig = base
         try:
             shared = {
@@ -129,31 +223,11 @@ class CpuDevice(Device):
                 "cos": _ov_input(cos),
                 "sin": _ov_input(sin),
             }
-            for b in range(len(qi) - 1):
-                q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
-                if q0 == q1 or k0 == k1:
-                    continue
-                slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
-                if q1 - q0 <= decode.DECODE_MAX_QUERIES and (k1 - k0) * hkv * d <= decode.DECODE_MAX_ELEMENTS:
-                    out[q0:q1], lse[q0:q1] = decode.attend(
-                        q[q0:q1],
-                        q_pos64[q0:q1],
-                        k_rows,
-                        v_rows,
-                        slots,
-                        k_pos,
-                        causal=causal,
-                        sm_scale=sm_scale,
-                        softcap=softcap,
-                        window_left=window_left,
-                        cos=cos if rope is not None else None,
-                        sin=sin if rope is not None else None,
-                        style=rope.style if rope is not None else "neox",
-                    )
-                    continue
+            for q0, q1, k0, k1 in route.rest:
+                slots, k_pos = route.flat.slots[k0:k1], route.flat.k_pos[k0:k1]
                 held: tuple[torch.Tensor, ...] = ()  # the key split gathered last
-                for s0, s1 in self._blocks(q0, q_pos64[q0:q1], k_pos, hq, causal):
-                    seen_any, seen_all = self._visibility(k_pos, q_pos64[s0:s1], causal, window_left)
+                for s0, s1 in self._blocks(q0, route.q_pos[q0:q1], k_pos, hq, causal):
+                    seen_any, seen_all = self._visibility(k_pos, route.q_pos[s0:s1], causal, window_left)
                     split = (seen_all.nonzero()[:, 0], (seen_any & ~seen_all).nonzero()[:, 0])
                     if not any(x.numel() for x in split):
                         continue  # no query of the block sees any key: out 0, lse -inf
@@ -161,13 +235,12 @@ class CpuDevice(Device):
                         held = split
                         sig, inputs = self._key_parts(base, split, slots, k_pos, k_rows, v_rows)
                         inputs.update(shared)
-                    inputs.update(q=_ov_input(q[s0:s1]), q_pos=_ov_input(q_pos64[s0:s1]))
+                    inputs.update(q=_ov_input(q[s0:s1]), q_pos=_ov_input(route.q_pos[s0:s1]))
                     result = self._request(sig).infer(inputs, share_outputs=True)
                     out[s0:s1] = torch.from_numpy(result[0])
                     lse[s0:s1] = torch.from_numpy(result[1])
         except RuntimeError as exc:
             raise DeviceError(f"OpenVINO failed in fusion_attention ({sig}): {exc}") from exc
-        return out.to(q.dtype), lse
 
     def _key_parts(
         self,

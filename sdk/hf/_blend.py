@@ -24,7 +24,7 @@ import torch
 from kvfuse._errors import InvalidValueError
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._paged import PAGE_SIZE, Step
-from kvfuse.hf._reuse import fill_misses
+from kvfuse.hf._reuse import chunk_keys, fill_misses
 from kvfuse.ops import append_kv, blend_select
 from kvfuse.store import TieredStore, plan
 
@@ -42,20 +42,32 @@ class Blended:
     recomputed: int
     prefix: list[tuple[list[int], int, int]]
     ids: list[int]
+    hits: int = 0  # chunks found in the store
+    misses: int = 0  # chunks computed and stored first
 
 
 @contextlib.contextmanager
 def blended(
-    model: Any, store: TieredStore, chunks: Sequence[Sequence[int]], question: Sequence[int], ratio: float
+    model: Any,
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    question: Sequence[int],
+    ratio: float,
+    after: int | None = None,
+    lead: int = 0,
 ) -> Iterator[Blended]:
-    """Blend ``chunks + question`` (steps 1-4 above); the chunks are stored first if missing."""
+    """Blend ``chunks + question`` (steps 1-4 above); the chunks are stored first if
+    missing (alone, or after chunk ``after``: see ``fill_misses``). ``lead``: the first
+    ``lead`` tokens of every chunk but ``after`` are always recomputed (EPIC's fix for
+    chunks prefilled without their preceding context)."""
     if not question:
         raise InvalidValueError("question", "at least one token (blending decodes after it)", 0)
     inner, device = model.model, store.pool.device
     ids = [t for c in chunks for t in c] + list(question)
     total, n_ctx = len(ids), sum(len(c) for c in chunks)
-    with plan(store, chunks, live_tokens=0) as p, PagedCache(model, store=store) as scratch, torch.no_grad():
-        fill_misses(model, store, p, chunks)
+    keys = chunk_keys(model, chunks, after)
+    with plan(store, chunks, 0, keys) as p, PagedCache(model, store=store) as scratch, torch.no_grad():
+        fill_misses(model, store, p, chunks, after)
         rows = scratch.rows
         positions = torch.arange(total, device=device)
         full: Step = rows.step(torch.ones(1, total, dtype=torch.bool, device=device), positions[None])
@@ -74,7 +86,12 @@ def blended(
             inner.layers[1](x, position_ids=positions[None], position_embeddings=pe, cache=scratch)
             fresh, scratch.probe = scratch.probe[0], None
             k_stored = rows.k[1].view(-1, *rows.k[1].shape[2:])[full.slots[:n_ctx]]
-            picked = blend_select(k_stored, fresh[:n_ctx].to(k_stored.dtype), ratio, device=scratch.settings.device)
+            starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+            leading = [s + t for i, s in enumerate(starts) if i != after for t in range(min(lead, len(chunks[i])))]
+            always = torch.tensor(leading, dtype=torch.int64, device=device) if leading else None
+            picked = blend_select(
+                k_stored, fresh[:n_ctx].to(k_stored.dtype), ratio, always=always, device=scratch.settings.device
+            )
             chosen = torch.cat([picked.to(device), torch.arange(n_ctx, total, device=device)])
         sel_pos = positions[chosen]
         scratch.preset = replace(
@@ -90,7 +107,8 @@ def blended(
         scratch.preset = None
         logits = model.lm_head(inner.norm(x[:, -1:]))[0, -1].float()
         pages = rows.pages[0][: -(-(total - 1) // PAGE_SIZE)]  # exactly the pages of all but the last token
-        yield Blended(logits, int(chosen.numel()) - (total - n_ctx), [(pages, total - 1, 0)], ids)
+        recomputed = int(chosen.numel()) - (total - n_ctx)
+        yield Blended(logits, recomputed, [(pages, total - 1, 0)], ids, len(p.hits), len(p.misses))
 
 
 def blend_generate(
@@ -99,12 +117,14 @@ def blend_generate(
     chunks: Sequence[Sequence[int]],
     question: Sequence[int],
     ratio: float = 0.15,
+    after: int | None = None,
+    lead: int = 0,
     **generate_kwargs: Any,
 ) -> tuple[torch.Tensor, int]:
     """``model.generate`` on ``chunks + question`` with the chunks' stored KV blended (5.:
     generate feeds the last prompt token over the blended KV of the others). Returns
     (output ids ``[1, prompt + new]``, context tokens recomputed beyond layer 0)."""
-    with blended(model, store, chunks, question, ratio) as b:
+    with blended(model, store, chunks, question, ratio, after, lead) as b:
         with PagedCache(model, store=store, prefix=b.prefix) as cache:
             ids = torch.tensor([b.ids], device=store.pool.device)
             out: torch.Tensor = model.generate(ids, cache=cache, **generate_kwargs)

@@ -64,9 +64,18 @@ def settings(model: Any, device: str | None = None) -> Settings:
     return Settings(rope_config(model), kv, head_dim, window, device)
 
 
-def _identity_rotation(module: Any, args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
-    cos, sin = output
-    return torch.ones_like(cos), torch.zeros_like(sin)
+def _identity_rotation(config: Any) -> Any:
+    """A forward hook on the rotary embedding: HF's rotation becomes the identity while the
+    model runs on kvfuse (which rotates inside attention), and is left alone after the
+    model is switched back to another attention (e.g. ``set_attn_implementation("sdpa")``)."""
+
+    def hook(module: Any, args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        if getattr(config, "_attn_implementation", None) != NAME:
+            return output
+        cos, sin = output
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+    return hook
 
 
 def enable(model: Any, device: str | None = None) -> Any:
@@ -87,7 +96,7 @@ def enable(model: Any, device: str | None = None) -> Any:
         if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):
             module._kvfuse_settings = s
     if not getattr(model, "_kvfuse_enabled", False):
-        rot.register_forward_hook(_identity_rotation)
+        rot.register_forward_hook(_identity_rotation(model.config))
         model._kvfuse_enabled = True
     model.set_attn_implementation(NAME)
     return model

@@ -121,8 +121,10 @@ class PagedRows:
 
     def adopt(self, pages: list[int]) -> None:
         """One row whose tokens go into ``pages``, lent by the caller (``take`` hands them
-        back before ``release`` could free them)."""
-        self.pages, self.length, self.start, self.prefix = [list(pages)], [0], [None], [[]]
+        back before ``release`` could free them); it keeps the prefix ``with_prefix`` set."""
+        prefix = self.prefix[0] if self.prefix else []
+        start = max((pos + n for _, n, pos in prefix), default=None)
+        self.pages, self.length, self.start, self.prefix = [list(pages)], [0], [start], [list(prefix)]
 
     def take(self, row: int = 0) -> tuple[list[int], int]:
         """Hand row ``row``'s live pages and token count to the caller (e.g. to commit

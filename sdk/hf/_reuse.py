@@ -4,14 +4,15 @@ chunks at their new positions, feeding only the question (full reuse)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._enable import settings
 from kvfuse.hf._paged import PAGE_SIZE
-from kvfuse.store import KVPool, Namespace, Plan, TieredStore, plan
+from kvfuse.store import KVPool, Namespace, Plan, TieredStore, chunk_key, plan
 
 
 def namespace(model: Any, model_id: str | None = None) -> Namespace:
@@ -38,39 +39,78 @@ def make_store(model: Any, num_pages: int, **kwargs: Any) -> TieredStore:
     return TieredStore(ns, KVPool(ns, num_pages, device=next(model.parameters()).device), **kwargs)
 
 
-def fill_misses(model: Any, store: TieredStore, p: Plan, chunks: Sequence[Sequence[int]]) -> None:
-    """Compute each chunk the plan missed alone, at positions 0..n-1, into the pages the
-    plan lent for it, and commit it (pinned for the plan until it closes)."""
-    for i in p.misses:
-        with PagedCache(model, store=store) as cache, torch.no_grad():
+def chunk_keys(model: Any, chunks: Sequence[Sequence[int]], after: int | None = None) -> list[str]:
+    """Store keys of ``chunks``; with ``after``, every chunk but that one is keyed as
+    computed after it (``chunk_key(..., context=chunks[after])``)."""
+    ns = namespace(model)
+    ctx = list(chunks[after]) if after is not None else None
+    return [chunk_key(ns, list(c), None if i == after else ctx) for i, c in enumerate(chunks)]
+
+
+def fill_misses(
+    model: Any, store: TieredStore, p: Plan, chunks: Sequence[Sequence[int]], after: int | None = None
+) -> None:
+    """Compute each chunk the plan missed into the pages the plan lent for it, and commit
+    it (pinned for the plan until it closes). Alone at positions 0..n-1; or, with
+    ``after``, right after chunk ``after`` (a prefix computed alone at 0, e.g. the system
+    prompt), attending to it as it will in every prompt: the stored KV is then computed in
+    context, and no chunk's first token becomes an attention sink of its own."""
+    todo = sorted(p.misses, key=lambda i: i != after)  # the context first
+    for i in todo:
+        prefix = [] if after is None or i == after else [(p.pages[after], p.lengths[after], 0)]
+        with PagedCache(model, store=store, prefix=prefix) as cache, torch.no_grad():
             cache.rows.adopt(p.pages[i])
-            model(torch.tensor([list(chunks[i])], device=cache.rows.device), cache=cache, use_cache=True)
+            ids = torch.tensor([list(chunks[i])], device=cache.rows.device)
+            model(ids, cache=cache, use_cache=True)
             cache.rows.take(0)  # the pages stay the plan's
         p.commit(i)
 
 
-def ingest(model: Any, store: TieredStore, chunks: Sequence[Sequence[int]]) -> int:
-    """Prefill every chunk that is not stored yet, alone at positions 0..n-1, and store
-    it; returns how many were computed."""
+def ingest(model: Any, store: TieredStore, chunks: Sequence[Sequence[int]], after: int | None = None) -> int:
+    """Prefill every chunk that is not stored yet (alone at positions 0..n-1, or after
+    chunk ``after`` as :func:`fill_misses`) and store it, one chunk at a time (only the
+    context stays pinned meanwhile); returns how many chunks were computed."""
+    keys = chunk_keys(model, chunks, after)
     done = 0
-    for chunk in chunks:
-        with plan(store, [chunk], live_tokens=0) as p:
-            fill_misses(model, store, p, [chunk])
-            done += len(p.misses)
+    for i in range(len(chunks)):
+        idx = [i] if after is None or i == after else [after, i]
+        with plan(store, [chunks[j] for j in idx], live_tokens=0, keys=[keys[j] for j in idx]) as p:
+            fill_misses(model, store, p, [chunks[j] for j in idx], None if len(idx) == 1 else 0)
+            done += sum(1 for m in p.misses if idx[m] == i)
     return done
 
 
 def generate_with_chunks(
-    model: Any, store: TieredStore, chunks: Sequence[Sequence[int]], question: Sequence[int], **generate_kwargs: Any
+    model: Any,
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    question: Sequence[int],
+    after: int | None = None,
+    **generate_kwargs: Any,
 ) -> torch.Tensor:
     """``model.generate`` on the prompt ``chunks + question`` (token ids) where the chunks'
-    KV comes from the store (computed there first if missing), placed at their positions
-    in this prompt; only the question is prefilled. Returns generate's output ids
-    ``[1, prompt + new]``."""
-    with plan(store, chunks, live_tokens=0) as p:
-        fill_misses(model, store, p, chunks)
-        prefix = list(zip(p.pages, p.lengths, p.positions))
+    KV comes from the store (computed there first if missing, as :func:`fill_misses`),
+    placed at their positions in this prompt; only the question is prefilled. Returns
+    generate's output ids ``[1, prompt + new]``."""
+    with reused(model, store, chunks, after) as (cache, _):
         ids = torch.tensor([[t for c in chunks for t in c] + list(question)], device=store.pool.device)
-        with PagedCache(model, store=store, prefix=prefix) as cache:
-            out: torch.Tensor = model.generate(ids, cache=cache, **generate_kwargs)
+        out: torch.Tensor = model.generate(ids, cache=cache, **generate_kwargs)
     return out
+
+
+@contextlib.contextmanager
+def reused(
+    model: Any,
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    after: int | None = None,
+    split: tuple[str, str] | None = None,
+) -> Iterator[tuple[PagedCache, Plan]]:
+    """A ``PagedCache`` holding the stored KV of ``chunks`` at their positions in the
+    prompt (filled first where missing), and the plan that pins it, for the block
+    (``split``: as ``PagedCache``)."""
+    with plan(store, chunks, live_tokens=0, keys=chunk_keys(model, chunks, after)) as p:
+        fill_misses(model, store, p, chunks, after)
+        prefix = list(zip(p.pages, p.lengths, p.positions))
+        with PagedCache(model, store=store, prefix=prefix, split=split) as cache:
+            yield cache, p

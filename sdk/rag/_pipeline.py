@@ -1,22 +1,35 @@
 """The RAG pipeline on any transformers decoder run by kvfuse (``kvfuse.hf.enable``).
-Chunks are prefilled once, alone, at positions 0..n-1, and stored (keys un-rotated, so
-they serve any position). A question is answered by:
 
-(a) ``full``: prefill of every chunk token and the question (the baseline);
-(b) ``reuse``: the stored chunks as segments at their new positions + the live question;
-(c) ``blend``: CacheBlend (``kvfuse.hf.blended``) — layer 0 recomputed for every token,
-    the tokens whose layer-1 keys deviate most from the stored ones and the question
-    recomputed in the later layers, over exact positions.
+Text in, text out::
 
-``split=(stored_device, live_device)`` computes, in reuse mode, the attention over the
-stored segments on one device and over the live segment on another, merged with
-``merge_states``.
+    rag = RagPipeline(model, tokenizer)          # a default TieredStore, automatic device
+    rag.ingest(docs)                             # each document prefilled and stored once
+    a = rag.answer(docs, question, mode="blend", ratio=0.15, max_new_tokens=32)
+
+The prompt is the model's chat template with the documents in the system message
+(``kvfuse.rag._prompt``). Its chunks are the system preamble (``head``, computed alone at
+position 0: exact, as in full prefill) and one per document. By default (``in_context``)
+each document is prefilled right after the head, as in every prompt, and stored under a key
+that names the head: a document prefilled alone from position 0 would make its first token
+an attention sink of its own, which later queries then over-attend when the chunk is
+reused mid-prompt. ``lead`` tokens at the start of each document are always recomputed in
+blend mode (EPIC's fix for the same effect). Modes:
+
+(a) ``full``: prefill of the whole prompt (exactly HF ``generate`` on ``prompt_ids``);
+(b) ``reuse``: the stored chunks at their new positions, only the tail prefilled;
+(c) ``blend``: CacheBlend (``kvfuse.hf.blended``): layer 0 recomputed for every token,
+    the ``ratio`` of document tokens whose layer-1 keys deviate most, and the tail,
+    recomputed in the later layers.
+
+The token-level methods (``full``, ``reuse``, ``blend``, ``generate`` over token chunks)
+remain for callers that build prompts themselves (the random-weight benchmark).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,17 +37,42 @@ import torch
 from kvfuse._errors import InvalidValueError
 from kvfuse.hf import PagedCache, blend_generate, generate_with_chunks, ingest
 from kvfuse.hf._blend import blended
-from kvfuse.hf._reuse import fill_misses
-from kvfuse.store import TieredStore, chunk_key, plan
+from kvfuse.hf._reuse import chunk_keys, reused
+from kvfuse.rag._prompt import SYSTEM, Prompt, build_prompt
+from kvfuse.store import TieredStore, chunk_key
+
+MODES = ("full", "reuse", "blend")
 
 
 @dataclass
 class Answer:
-    logits: torch.Tensor  # [vocab_size], fp32: next-token logits after the question
-    seconds: float  # time to first token
+    """One answered question. ``token_ids`` are the new tokens; ``prompt_ids`` the whole
+    prompt as full prefill sees it; ``ttft_s`` the time to the first new token (store
+    lookups, misses' prefill and blending included)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    ttft_s: float
+    mode: str
+    decode_tok_s: float = 0.0  # new tokens per second after the first
+    hits: int = 0  # chunks (the system preamble and each document) found in the store
+    misses: int = 0  # chunks prefilled and stored by this call
+    recomputed: int = 0  # document tokens recomputed beyond layer 0 (blend)
+
+
+@dataclass
+class Prefill:
+    """A token-level prefill: the next-token logits and its time.
+
+    logits: [vocab_size], fp32
+    """
+
+    logits: torch.Tensor
+    seconds: float
     hits: int = 0
     misses: int = 0
-    recomputed: int = 0  # tokens recomputed beyond the question (blend)
+    recomputed: int = 0
 
 
 def deviation(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -44,48 +82,163 @@ def deviation(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, floa
     return float((reference - other).abs().max()), kl
 
 
-class RagPipeline:
-    """``model``: a transformers decoder with ``kvfuse.hf.enable`` applied; ``store``: a
-    ``TieredStore`` of its KV (``kvfuse.hf.make_store(model, num_pages)``)."""
+class Clock:
+    """A ``generate`` streamer that notes when the first and the last new token arrive."""
 
-    def __init__(self, model: Any, store: TieredStore) -> None:
-        self.model = model
+    def __init__(self) -> None:
+        self.calls, self.first, self.last = 0, 0.0, 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        now = time.perf_counter()
+        if self.calls == 2:  # the first put is the prompt
+            self.first = now
+        self.last = now
+
+    def end(self) -> None:
+        pass
+
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (0 if there was one token)."""
+        n = self.calls - 2
+        return n / (self.last - self.first) if n > 0 and self.last > self.first else 0.0
+
+
+class RagPipeline:
+    """``model``: a transformers decoder (kvfuse is enabled on it, on ``device``);
+    ``tokenizer``: its tokenizer (for the text API); ``store``: a ``TieredStore`` of its KV
+    (default: ``kvfuse.hf.make_store`` with room for the model's longest prompt)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        store: TieredStore | None = None,
+        device: str | None = None,
+        *,
+        system: str = SYSTEM,
+        in_context: bool = True,
+        lead: int = 0,
+    ) -> None:
+        import kvfuse.hf
+
+        if isinstance(tokenizer, TieredStore):
+            raise InvalidValueError("tokenizer", "a tokenizer (pass the store as store=)", "a TieredStore")
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.system, self.in_context, self.lead = system, bool(in_context), int(lead)
+        self._enable()
+        if store is None:
+            positions = int(getattr(model.config, "max_position_embeddings", 8192))
+            store = kvfuse.hf.make_store(model, num_pages=2 * (positions // 16) + 64)
         self.store = store
         self.pool = store.pool
+
+    def _enable(self) -> None:
+        """kvfuse attention on the model (again, if the caller switched it to another)."""
+        from kvfuse.hf import enable
+        from kvfuse.hf._enable import NAME
+
+        on = getattr(self.model.config, "_attn_implementation", None) == NAME
+        if not on or (self.device is not None and getattr(self.model, "_kvfuse_device", None) != self.device):
+            enable(self.model, device=self.device)
+
+    # -- text in, text out ---------------------------------------------------------------
+
+    def prompt(self, docs: Sequence[str], question: str) -> Prompt:
+        """The chat-template prompt of ``question`` over ``docs``, in chunks."""
+        if self.tokenizer is None:
+            raise InvalidValueError("tokenizer", "a tokenizer (RagPipeline(model, tokenizer))", None)
+        return build_prompt(self.tokenizer, docs, question, self.system)
+
+    def ingest(self, docs: Sequence[str] | Sequence[Sequence[int]]) -> int:
+        """Prefill and store every document (text) or token chunk not stored yet; returns
+        how many were computed. Documents are prefilled after the system preamble
+        (``in_context``), token chunks alone at positions 0..n-1."""
+        self._enable()
+        if docs and all(isinstance(d, str) for d in docs):
+            p = self.prompt([str(d) for d in docs], "?")
+            ingest(self.model, self.store, [p.head])  # the preamble first: the count is of documents
+            return ingest(self.model, self.store, p.chunks, 0 if self.in_context else None)
+        return ingest(self.model, self.store, [[int(t) for t in c] for c in docs])
+
+    def answer(
+        self, docs: Sequence[str], question: str, mode: str = "blend", ratio: float = 0.15, max_new_tokens: int = 32
+    ) -> Answer:
+        """Answer ``question`` from ``docs`` (greedy) with the KV of ``mode``."""
+        if mode not in MODES:
+            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
+        p = self.prompt(docs, question)
+        start = time.perf_counter()
+        clock = Clock()
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": clock}
+        with self._state(p, mode, ratio) as (cache, _, info):
+            ids = torch.tensor([p.ids], device=self.pool.device)
+            out = self.model.generate(ids, cache=cache, **kw)
+        new = out[0, len(p.ids) :].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Answer(text, new, p.ids, clock.first - start, mode, clock.decode_tok_s(), **info)
+
+    def score(self, docs: Sequence[str], question: str, gold: str, mode: str = "full", ratio: float = 0.15) -> float:
+        """log p(gold | prompt) under the KV of ``mode``: the gold answer's tokens, teacher-forced."""
+        p = self.prompt(docs, question)
+        target = list(self.tokenizer(gold, add_special_tokens=False)["input_ids"])
+        with self._state(p, mode, ratio) as (cache, seen, _), torch.no_grad():
+            feed = p.ids[seen:] + target
+            logits = self.model(torch.tensor([feed], device=self.pool.device), cache=cache, use_cache=True).logits
+        logp = torch.log_softmax(logits[0].double(), -1)
+        first = len(p.ids) - seen - 1  # the logits that predict target[0]
+        return float(sum(logp[first + j, t] for j, t in enumerate(target)))
+
+    @contextlib.contextmanager
+    def _state(self, p: Prompt, mode: str, ratio: float) -> Iterator[tuple[PagedCache, int, dict[str, int]]]:
+        """A cache holding ``mode``'s KV of the prompt's first ``seen`` tokens (generate
+        and forward feed the rest), and the store counts."""
+        if mode not in MODES:
+            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
+        self._enable()
+        after = 0 if self.in_context else None
+        if mode == "full":
+            with PagedCache(self.model) as cache:
+                yield cache, 0, {}
+        elif mode == "reuse":
+            with reused(self.model, self.store, p.chunks, after) as (cache, plan):
+                yield cache, cache.seen(), {"hits": len(plan.hits), "misses": len(plan.misses)}
+        else:
+            with blended(self.model, self.store, p.chunks, p.tail, ratio, after, self.lead) as b:
+                with PagedCache(self.model, store=self.store, prefix=b.prefix) as cache:
+                    yield cache, cache.seen(), {"hits": b.hits, "misses": b.misses, "recomputed": b.recomputed}
+
+    def keys(self, chunks: Sequence[Sequence[int]], after: int | None = None) -> list[str]:
+        """Store keys of token chunks (see ``kvfuse.hf`` ``chunk_keys``)."""
+        if after is None:
+            return [chunk_key(self.store.namespace, list(c)) for c in chunks]
+        return chunk_keys(self.model, chunks, after)
+
+    # -- token level ---------------------------------------------------------------------
 
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(ids)], dtype=torch.int64, device=self.pool.device)
 
-    def keys(self, chunks: Sequence[Sequence[int]]) -> list[str]:
-        return [chunk_key(self.store.namespace, list(c)) for c in chunks]
-
-    def ingest(self, chunks: Sequence[Sequence[int]]) -> int:
-        """Prefill and store every chunk not stored yet (each alone, at positions 0..n-1)."""
-        return ingest(self.model, self.store, chunks)
-
-    def full(self, chunks: Sequence[Sequence[int]], question: Sequence[int]) -> Answer:
+    def full(self, chunks: Sequence[Sequence[int]], question: Sequence[int]) -> Prefill:
         start = time.perf_counter()
         with PagedCache(self.model) as cache, torch.no_grad():
             ids = [t for c in chunks for t in c] + list(question)
             logits = self.model(self._ids(ids), cache=cache, use_cache=True).logits[0, -1].float()
-        return Answer(logits, time.perf_counter() - start)
+        return Prefill(logits, time.perf_counter() - start)
 
     def reuse(
         self, chunks: Sequence[Sequence[int]], question: Sequence[int], split: tuple[str, str] | None = None
-    ) -> Answer:
+    ) -> Prefill:
         start = time.perf_counter()
-        with plan(self.store, chunks, live_tokens=0) as p, torch.no_grad():
-            fill_misses(self.model, self.store, p, chunks)
-            prefix = list(zip(p.pages, p.lengths, p.positions))
-            with PagedCache(self.model, store=self.store, prefix=prefix, split=split) as cache:
-                logits = self.model(self._ids(question), cache=cache, use_cache=True).logits[0, -1].float()
-        return Answer(logits, time.perf_counter() - start, len(p.hits), len(p.misses))
+        with reused(self.model, self.store, chunks, None, split) as (cache, p), torch.no_grad():
+            logits = self.model(self._ids(question), cache=cache, use_cache=True).logits[0, -1].float()
+        return Prefill(logits, time.perf_counter() - start, len(p.hits), len(p.misses))
 
-    def blend(self, chunks: Sequence[Sequence[int]], question: Sequence[int], ratio: float = 0.15) -> Answer:
+    def blend(self, chunks: Sequence[Sequence[int]], question: Sequence[int], ratio: float = 0.15) -> Prefill:
         start = time.perf_counter()
         with blended(self.model, self.store, chunks, question, ratio) as b:
             logits = b.logits
-        return Answer(logits, time.perf_counter() - start, recomputed=b.recomputed)
+        return Prefill(logits, time.perf_counter() - start, b.hits, b.misses, b.recomputed)
 
     def generate(
         self,

@@ -24,7 +24,7 @@ def main() -> int:
     )
     store = make_store(model, spec["context_tokens"], spec["chunks"], spec["question_tokens"], remote)
     start = time.perf_counter()
-    RagPipeline(model, store).ingest(docs)
+    RagPipeline(model, store=store).ingest(docs)
     print(
         json.dumps({"ingest_s": time.perf_counter() - start, "published": store.stats.bytes_moved["device->remote"]}),
         flush=True,

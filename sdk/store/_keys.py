@@ -44,10 +44,18 @@ class Namespace(BaseModel):
         return (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
 
 
-def chunk_key(namespace: Namespace, token_ids: list[int] | torch.Tensor) -> str:
-    """The key of a chunk: blake2b over the namespace fingerprint and the token ids (int64 LE)."""
+def chunk_key(
+    namespace: Namespace, token_ids: list[int] | torch.Tensor, context: list[int] | torch.Tensor | None = None
+) -> str:
+    """The key of a chunk: blake2b over the namespace fingerprint and the token ids (int64
+    LE). ``context``: the tokens the chunk's KV was computed after (e.g. a shared system
+    prompt), which change its KV, so they are part of the key; none for a chunk computed
+    alone from position 0."""
     ids = torch.as_tensor(token_ids, dtype=torch.int64).contiguous()
     h = hashlib.blake2b(digest_size=20)
     h.update(namespace.fingerprint().encode())
     h.update(ids.numpy().astype("<i8").tobytes())
+    if context is not None and len(context):
+        ctx = torch.as_tensor(context, dtype=torch.int64).contiguous()
+        h.update(b"\x00after\x00" + ctx.numpy().astype("<i8").tobytes())
     return h.hexdigest()

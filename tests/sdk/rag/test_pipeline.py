@@ -24,7 +24,7 @@ def setup() -> tuple[RagPipeline, list[list[int]], list[int]]:
     )
     torch.manual_seed(0)
     model = kvfuse.hf.enable(transformers.LlamaForCausalLM(cfg).eval(), device="cpu")
-    pipe = RagPipeline(model, kvfuse.hf.make_store(model, num_pages=256))
+    pipe = RagPipeline(model, store=kvfuse.hf.make_store(model, num_pages=256))
     g = torch.Generator().manual_seed(1)
     chunks = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (40, 17, 64)]
     question = torch.randint(0, 200, (8,), generator=g).tolist()
