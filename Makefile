@@ -28,7 +28,7 @@ run: $(STAMP)
 	tail -12 reports-smoke.log
 	$(PY) examples/quickstart.py
 	$(PY) examples/hf_rag.py
-	$(VENV)/bin/kvfuse bench rag --context-tokens 2048 --layers 16
+	$(VENV)/bin/kvfuse bench rag --questions 4 --context-tokens 1024,2048 --ratio 0.15
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not netns"

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 from kvfuse._device import Device
-from kvfuse._errors import DeviceMismatchError, DTypeError, ShapeError
+from kvfuse._errors import DeviceMismatchError, DTypeError, InvalidValueError, ShapeError
 from kvfuse._registry import registry
 from kvfuse.ops import _checks as check
 from kvfuse.ops._attention import check_fusion_attention
@@ -37,6 +37,7 @@ class _Planned(SegmentTable):
     _flat: FlatSegments
     _page_size: int
     _memo: dict[tuple[object, ...], tuple[tuple[object, ...], Any]]
+    _carried: dict[object, Any]
 
     def flatten(self, page_size: int) -> FlatSegments:
         if page_size == self._page_size:
@@ -51,13 +52,17 @@ class _Planned(SegmentTable):
         result: T = held[1]
         return result
 
+    def carried(self) -> dict[object, Any]:
+        return self._carried
 
-def _planned(segments: SegmentTable, page_size: int) -> _Planned:
+
+def _planned(segments: SegmentTable, page_size: int, carried: dict[object, Any]) -> _Planned:
     dense = segments.contiguous()
     table = _Planned(dense.seg_indptr, dense.page_indptr, dense.page_indices, dense.seg_len, dense.seg_pos)
     object.__setattr__(table, "_page_size", page_size)
     object.__setattr__(table, "_flat", dense.flatten(page_size))
     object.__setattr__(table, "_memo", {})
+    object.__setattr__(table, "_carried", carried)
     return table
 
 
@@ -120,9 +125,18 @@ def plan_attention(
     window_left: int = -1,
     rope: RopeConfig | None = None,
     device: str | None = None,
+    extends: AttentionPlan | None = None,
 ) -> AttentionPlan:
     """Validate and flatten a ``fusion_attention`` call once, and pick its device; the
     pools give the geometry every run's pools must have.
+
+    ``extends``: the previous step's plan of the same requests (decode: each request's
+    keys are the previous plan's followed by new ones). The caller promises that the pool
+    rows the previous plan's keys sit in have not been written since (pinned or owned
+    pages; only new rows appended), so a device may keep per-layer work on those keys
+    (gathered, rotated) instead of redoing it every step. Where the new keys do not
+    extend the old ones (other slots or positions), the device recomputes: results are
+    bit-identical to the one-shot call either way.
 
     q_indptr: [batch + 1], int32
     q_pos: [num_q_tokens], int32
@@ -150,11 +164,22 @@ def plan_attention(
     )
     dev = registry().select(req, pool.device, device)
     kwargs = {"causal": causal, "sm_scale": scale, "softcap": float(softcap), "window_left": window_left, "rope": rope}
+    carried: dict[object, Any] = {}
+    if extends is not None:
+        if not isinstance(extends, AttentionPlan):
+            raise InvalidValueError("extends", "an AttentionPlan", type(extends).__name__)
+        same = (extends.device, extends.pool_shape, extends.dtype, extends.torch_device, extends.kwargs)
+        if same != (dev, tuple(pool.shape), pool.dtype, pool.device, kwargs):
+            raise InvalidValueError(
+                "extends", "a plan with this plan's device, pool geometry, dtype and attention settings", "another"
+            )
+        previous = extends.segments.carried()
+        carried = previous if previous is not None else {}
     return AttentionPlan(
         dev,
         q_indptr.contiguous(),
         q_pos.contiguous(),
-        _planned(segments, int(pool.shape[1])),
+        _planned(segments, int(pool.shape[1]), carried),
         q_shape,
         tuple(int(x) for x in pool.shape),  # type: ignore[arg-type]
         pool.dtype,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from kvfuse._errors import ShapeError
@@ -129,6 +129,15 @@ class SegmentTable:
         same values. ``key`` names everything the result depends on besides the table;
         tensors in it count by identity and version (an in-place write is a new key)."""
         return make()
+
+    def carried(self) -> dict[object, Any] | None:
+        """Device state carried along a chain of plans (``kvfuse.plan_attention(...,
+        extends=previous)``): one dict shared by a plan and every plan that extends it, for
+        what a device may keep between forward steps (the cpu device: each layer's
+        gathered, rotated keys of a decode request). ``None`` for a one-shot call's table.
+        A device must check that what it kept still describes the new plan's keys (slots
+        and positions), and recompute what does not."""
+        return None
 
     def validate(self, *, batch: int, num_pages: int, page_size: int, device: torch.device) -> int:
         """Check every field against CONTRACTS.md; raises a ContractError naming the field.

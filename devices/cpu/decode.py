@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kvfuse.ops._rope import rotate
@@ -48,6 +49,26 @@ class Request:
     slots: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     hidden: torch.Tensor | None
+    carried: dict[object, Any] | None = None  # the plan chain's state (SegmentTable.carried)
+    index: int = 0  # the request's place in its batch
+    gen: int = 0  # this plan's number in the chain
+    reuse: int = 0  # leading keys identical (slots, positions) to the previous plan's
+
+
+@dataclass
+class _Held:
+    """One layer's keys (rotated) and values of one request, kept along a plan chain.
+
+    keys, values: [num_kv_heads, capacity, head_dim]; the first ``n`` are the keys of the
+    plan numbered ``gen``
+    """
+
+    k_rows: torch.Tensor  # the pools they were gathered from (kept alive: their addresses stay theirs)
+    v_rows: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    n: int
+    gen: int
 
 
 def prepare(
@@ -59,12 +80,24 @@ def prepare(
     causal: bool,
     window_left: int,
     table: tuple[torch.Tensor, torch.Tensor] | None,
+    carried: dict[object, Any] | None = None,
+    index: int = 0,
 ) -> Request:
-    """What :func:`attend` needs besides the layer's q and pools.
+    """What :func:`attend` needs besides the layer's q and pools; with ``carried`` (a plan
+    chain's state), how many leading keys the previous plan of the chain had the same.
 
     q_pos: [n_q], int64; slots, k_pos: [n_k], int64
     table: the RoPE cos/sin table, [max_position, rotary_dim // 2], fp32, or None
     """
+    gen = reuse = 0
+    if carried is not None:
+        gen = carried["gen"]
+        prev = carried.get(("request", index))
+        if prev is not None and prev[2] == gen - 1:
+            n = int(prev[0].shape[0])
+            if n <= slots.shape[0] and torch.equal(slots[:n], prev[0]) and torch.equal(k_pos[:n], prev[1]):
+                reuse = n
+        carried[("request", index)] = (slots, k_pos, gen)
     visible = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool)
     if causal:
         visible &= k_pos[None, :] <= q_pos[:, None]
@@ -75,7 +108,7 @@ def prepare(
         cos, sin = table
         rows = (cos[q_pos], sin[q_pos], cos[k_pos], sin[k_pos])
     hidden = None if bool(visible.all()) else ~visible
-    return Request(q0, q0 + int(q_pos.shape[0]), slots, rows, hidden)
+    return Request(q0, q0 + int(q_pos.shape[0]), slots, rows, hidden, carried, index, gen, reuse)
 
 
 def _staging(which: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -97,23 +130,72 @@ def _gather(which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Head-major keys rotated in fp32 into a staging buffer.
+def _rotate_keys(
+    keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, out: torch.Tensor
+) -> torch.Tensor:
+    """Head-major keys rotated in fp32 into ``out``, one exactly rounded op at a time (a
+    key rotates to the same bits whether it is rotated alone or among others).
 
-    keys: [num_kv_heads, n_k, head_dim]; cos, sin: [n_k, rotary_dim // 2], fp32
-    Returns: [num_kv_heads, n_k, head_dim], fp32
+    keys: [num_kv_heads, n, head_dim]; cos, sin: [n, rotary_dim // 2], fp32
+    out: [num_kv_heads, n, head_dim], fp32
     """
-    out = _staging(2, tuple(keys.shape), torch.float32)
     half = cos.shape[-1]
     a, b = (
         (slice(0, half), slice(half, 2 * half)) if style == "neox" else (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
     )
     x1, x2 = keys[..., a].float(), keys[..., b].float()
-    torch.mul(x1, cos, out=out[..., a]).addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=out[..., b]).addcmul_(x1, sin)
+    tmp = _staging(4, (keys.shape[0], keys.shape[1], half), torch.float32)
+    torch.mul(x1, cos, out=out[..., a]).sub_(torch.mul(x2, sin, out=tmp))
+    torch.mul(x2, cos, out=out[..., b]).add_(torch.mul(x1, sin, out=tmp))
     if 2 * half < keys.shape[-1]:
         out[..., 2 * half :] = keys[..., 2 * half :]
     return out
+
+
+def _keys_values(
+    k_rows: torch.Tensor, v_rows: torch.Tensor, req: Request, style: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The request's keys (rotated in fp32 with RoPE) and values, head-major
+    [num_kv_heads, n_k, head_dim]: in staging buffers, or, along a plan chain, in the
+    layer's kept buffers, where only the keys the previous plan did not have are gathered
+    and rotated."""
+    hkv, d = k_rows.shape[1:]
+    n_k = int(req.slots.shape[0])
+    dtype = torch.float32 if req.rope is not None else k_rows.dtype
+    if req.carried is None:
+        keys, values = _gather(0, k_rows, req.slots), _gather(1, v_rows, req.slots)
+        if req.rope is not None:
+            keys = _rotate_keys(keys, req.rope[2], req.rope[3], style, _staging(2, (hkv, n_k, d), torch.float32))
+        if values.dtype != dtype:  # bf16 values beside rotated fp32 keys
+            values = _staging(3, (hkv, n_k, d), dtype).copy_(values)
+        return keys, values
+    slot = (req.index, k_rows.data_ptr(), v_rows.data_ptr(), threading.get_ident())
+    held = req.carried.get(slot)
+    start = 0
+    if held is not None and held.gen == req.gen - 1 and held.n == req.reuse and held.keys.dtype == dtype:
+        start = req.reuse
+    if held is None or held.keys.dtype != dtype or held.keys.shape[1] < n_k:
+        capacity = max(n_k, 2 * start, 64)
+        grown = _Held(
+            k_rows,
+            v_rows,
+            torch.empty(hkv, capacity, d, dtype=dtype),
+            torch.empty(hkv, capacity, d, dtype=dtype),
+            0,
+            0,
+        )
+        if start:
+            grown.keys[:, :start], grown.values[:, :start] = held.keys[:, :start], held.values[:, :start]  # type: ignore[union-attr]
+        held = req.carried[slot] = grown
+    new = req.slots[start:]
+    fresh_k, fresh_v = _gather(0, k_rows, new), _gather(1, v_rows, new)
+    if req.rope is not None:
+        _rotate_keys(fresh_k, req.rope[2][start:], req.rope[3][start:], style, held.keys[:, start:n_k])
+    else:
+        held.keys[:, start:n_k] = fresh_k
+    held.values[:, start:n_k] = fresh_v
+    held.n, held.gen = n_k, req.gen
+    return held.keys[:, :n_k], held.values[:, :n_k]
 
 
 def attend(
@@ -134,15 +216,10 @@ def attend(
     """
     n_q, hq, d = q.shape
     hkv = k_rows.shape[1]
-    keys, values = _gather(0, k_rows, req.slots), _gather(1, v_rows, req.slots)  # [hkv, n_k, d]
-    queries = q
-    if req.rope is not None:  # rotated in fp32, and kept in fp32 (a bf16 rounding would cost accuracy)
-        cq, sq, ck, sk = req.rope
-        queries, keys = rotate(q.float(), cq, sq, style), _rotate_keys(keys, ck, sk, style)
+    keys, values = _keys_values(k_rows, v_rows, req, style)  # [hkv, n_k, d]; rotated in fp32 with RoPE
+    queries = q if req.rope is None else rotate(q.float(), req.rope[0], req.rope[1], style)
     if keys.dtype != torch.float32 or softcap > 0 or req.hidden is not None:
         keys, values, queries = keys.float(), values.float(), queries.float()
-    if values.dtype != keys.dtype:  # bf16 values beside rotated fp32 keys
-        values = _staging(3, tuple(values.shape), torch.float32).copy_(values)
     g = hq // hkv
     qg = queries.reshape(n_q, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, n_q * g, d)
     if req.hidden is None and softcap <= 0:

@@ -85,6 +85,9 @@ def _route(
     qi, ki = q_indptr.tolist(), flat.kv_indptr.tolist()
     q_pos64 = q_pos.to(torch.int64)
     table = rope.table(head_dim) if rope is not None else None
+    carried = segments.carried()  # a plan chain's state: decode keeps each layer's keys across steps
+    if carried is not None:
+        carried["gen"] = carried.get("gen", 0) + 1
     route = _Route(flat, q_pos64, causal, [], [])
     for b in range(len(qi) - 1):
         q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
@@ -93,7 +96,17 @@ def _route(
         if q1 - q0 <= decode.DECODE_MAX_QUERIES and (k1 - k0) * num_kv_heads * head_dim <= decode.DECODE_MAX_ELEMENTS:
             slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
             route.decode.append(
-                decode.prepare(q0, q_pos64[q0:q1], slots, k_pos, causal=causal, window_left=window_left, table=table)
+                decode.prepare(
+                    q0,
+                    q_pos64[q0:q1],
+                    slots,
+                    k_pos,
+                    causal=causal,
+                    window_left=window_left,
+                    table=table,
+                    carried=carried,
+                    index=b,
+                )
             )
         else:
             route.rest.append((q0, q1, k0, k1))

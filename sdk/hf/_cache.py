@@ -194,7 +194,9 @@ def attention_function(
         if positions is None:
             start = state.seen() - num_new
             positions = torch.arange(start, start + num_new, device=query.device)
+        before = state.plan.plans if state.plan is not None else {}
         state.plan = state.rows.step(valid, positions.expand(batch, num_new).long())
+        state.plan.before = before  # the rows only grew: the new step's keys extend the old ones
     probe = getattr(state, "probe", None)
     if probe is not None:  # a driver only wants this layer's fresh keys
         probe.append(key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d))
@@ -219,8 +221,19 @@ def attention_function(
     if split is None:
         key_ = ("attention", hq, attend["sm_scale"], attend["softcap"], attend["window_left"])
         if key_ not in plan.plans:
+            prev = plan.before.get(key_)
+            if prev is not None and prev.pool_shape != tuple(k_pages.shape):
+                prev = None  # the pools grew (new tensors): nothing to carry over
             plan.plans[key_] = plan_attention(
-                plan.q_indptr, plan.q_pos, plan.segments, k_pages, v_pages, num_q_heads=hq, device=s.device, **attend
+                plan.q_indptr,
+                plan.q_pos,
+                plan.segments,
+                k_pages,
+                v_pages,
+                num_q_heads=hq,
+                device=s.device,
+                extends=prev,
+                **attend,
             )
         out, _ = plan.plans[key_].run(q, k_pages, v_pages)
     else:  # stored segments on one device, live tokens on another, merged by lse

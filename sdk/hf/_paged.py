@@ -32,6 +32,7 @@ class Step:
     q_pos: torch.Tensor
     segments: SegmentTable
     plans: dict[Any, Any] = field(default_factory=dict)  # kvfuse plans made by the first layer, reused
+    before: dict[Any, Any] = field(default_factory=dict)  # the previous step's plans (each new plan extends its own)
 
 
 class PagedRows:

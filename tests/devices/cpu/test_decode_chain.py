@@ -1,0 +1,71 @@
+"""Decode along a plan chain (``plan_attention(..., extends=previous)``) on the cpu
+device: each layer's keys are gathered and rotated once and kept between steps, only the
+new keys are added, and every step is bit-identical to the one-shot call — also when the
+new step's keys do not extend the old ones (the device then recomputes)."""
+
+from __future__ import annotations
+
+import kvfuse
+import pytest
+import torch
+from kvfuse import InvalidValueError, RopeConfig, SegmentTable
+from kvfuse.devices.cpu import decode
+
+pytest.importorskip("openvino")
+HQ, HKV, D, P = 9, 3, 64, 16
+ROPE = RopeConfig(theta=1e5, max_position=8192)
+
+
+def _step(n_live: int, stored: list[int]) -> tuple[SegmentTable, torch.Tensor, torch.Tensor]:
+    table = SegmentTable.from_lists([[(stored, len(stored) * P, 0), ([100, 101][: -(-n_live // P)], n_live, 480)]])
+    q_pos = torch.tensor([len(stored) * P + n_live - 1], dtype=torch.int32)
+    return table, torch.tensor([0, 1], dtype=torch.int32), q_pos
+
+
+@pytest.mark.parametrize("rope", [ROPE, None], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_chain_gathers_only_new_keys_and_matches_one_shot(
+    dtype: torch.dtype, rope: RopeConfig | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    pools = [torch.randn(128, P, HKV, D, generator=g).to(dtype) for _ in range(4)]  # two layers' k, v
+    stored = list(range(10, 40))
+    gathered: list[int] = []
+    real = decode._gather
+    monkeypatch.setattr(
+        decode, "_gather", lambda i, rows, slots: gathered.append(int(slots.shape[0])) or real(i, rows, slots)
+    )
+    prev = None
+    for step in range(5):
+        n_live = 5 + step
+        if step == 3:  # another stored chunk: nothing carried over applies
+            stored = list(range(50, 80))
+        table, q_indptr, q_pos = _step(n_live, stored)
+        plan = kvfuse.plan_attention(
+            q_indptr, q_pos, table, pools[0], pools[1], num_q_heads=HQ, rope=rope, device="cpu", extends=prev
+        )
+        for k, v in ((pools[0], pools[1]), (pools[2], pools[3])):
+            q = torch.randn(1, HQ, D, generator=g).to(dtype)
+            gathered.clear()
+            out, lse = plan.run(q, k, v)
+            new = gathered[0]
+            want_out, want_lse = kvfuse.fusion_attention(q, q_indptr, q_pos, k, v, table, rope=rope, device="cpu")
+            assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+            assert new == (1 if step not in (0, 3) else 480 + n_live), (step, new)
+        for k, v in ((pools[0], pools[1]), (pools[2], pools[3])):  # the next token's row, after this step
+            k[100 + n_live // P, n_live % P] = torch.randn(HKV, D, generator=g).to(dtype)
+            v[100 + n_live // P, n_live % P] = torch.randn(HKV, D, generator=g).to(dtype)
+        prev = plan
+
+
+def test_extends_must_be_a_plan_of_the_same_geometry() -> None:
+    pools = torch.zeros(2, 128, P, HKV, D)
+    table, q_indptr, q_pos = _step(3, [1, 2])
+    base = kvfuse.plan_attention(q_indptr, q_pos, table, pools[0], pools[1], num_q_heads=HQ, device="cpu")
+    with pytest.raises(InvalidValueError) as err:
+        kvfuse.plan_attention(q_indptr, q_pos, table, pools[0], pools[1], num_q_heads=HQ, device="cpu", extends=3)  # type: ignore[arg-type]
+    assert err.value.argument == "extends"
+    with pytest.raises(InvalidValueError):
+        kvfuse.plan_attention(
+            q_indptr, q_pos, table, pools[0], pools[1], num_q_heads=HQ, rope=ROPE, device="cpu", extends=base
+        )
