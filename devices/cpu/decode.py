@@ -69,6 +69,7 @@ class _Held:
     values: torch.Tensor
     n: int
     gen: int
+    gathered: int = 0  # keys gathered (and rotated) into these buffers, in all
 
 
 def prepare(
@@ -183,18 +184,22 @@ def _keys_values(
             torch.empty(hkv, capacity, d, dtype=dtype),
             0,
             0,
+            held.gathered if held is not None else 0,
         )
         if start:
             grown.keys[:, :start], grown.values[:, :start] = held.keys[:, :start], held.values[:, :start]  # type: ignore[union-attr]
         held = req.carried[slot] = grown
     new = req.slots[start:]
-    fresh_k, fresh_v = _gather(0, k_rows, new), _gather(1, v_rows, new)
+    if new.shape[0] <= 16:  # a decode step's new keys: one small index_select each
+        fresh_k, fresh_v = k_rows.index_select(0, new).transpose(0, 1), v_rows.index_select(0, new).transpose(0, 1)
+    else:
+        fresh_k, fresh_v = _gather(0, k_rows, new), _gather(1, v_rows, new)
     if req.rope is not None:
         _rotate_keys(fresh_k, req.rope[2][start:], req.rope[3][start:], style, held.keys[:, start:n_k])
     else:
         held.keys[:, start:n_k] = fresh_k
     held.values[:, start:n_k] = fresh_v
-    held.n, held.gen = n_k, req.gen
+    held.n, held.gen, held.gathered = n_k, req.gen, held.gathered + n_k - start
     return held.keys[:, :n_k], held.values[:, :n_k]
 
 
