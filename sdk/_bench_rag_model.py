@@ -94,6 +94,7 @@ def ttft_sweep(
 
     rag = RagPipeline(model, tok, store=store)
     base = qa_set(1, seed=seed, docs=4)[0]
+    limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
     rows = []
     for n in contexts:
         q, extra = base, 0
@@ -101,9 +102,10 @@ def ttft_sweep(
         while len(rag.prompt(q.docs, q.question).ids) < n:
             extra += max(1, (n - len(rag.prompt(q.docs, q.question).ids)) // per_doc)
             q = padded(base, extra, seed=seed)
+        while extra > 0 and len(rag.prompt(q.docs, q.question).ids) > limit:  # the model's longest prompt
+            extra -= 1
+            q = padded(base, extra, seed=seed)
         p = rag.prompt(q.docs, q.question)
-        if len(p.ids) > int(getattr(model.config, "max_position_embeddings", 1 << 30)):
-            break
         _, ttft_hf, tok_s_hf = _hf_answer(model, tok, p.ids, max_new_tokens)
         start = time.perf_counter()
         rag.ingest(q.docs)

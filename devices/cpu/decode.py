@@ -176,7 +176,7 @@ def _keys_values(
     if held is not None and held.gen == req.gen - 1 and held.n == req.reuse and held.keys.dtype == dtype:
         start = req.reuse
     if held is None or held.keys.dtype != dtype or held.keys.shape[1] < n_k:
-        capacity = max(n_k, 2 * start, 64)
+        capacity = max(n_k + 256, 2 * start)  # room for a decode's next keys, then doubling
         grown = _Held(
             k_rows,
             v_rows,

@@ -80,8 +80,10 @@ class PagedRows:
         return self.k[0].shape[0] if self.k else 0
 
     def _grow(self, need: int) -> None:
+        """Pools of at least ``need`` pages, with room to decode: 64 pages (1024 tokens)
+        past a prefill's need, doubling after that (growing copies every layer's pools)."""
         old = self.num_pages
-        new = max(need, 2 * old, 64)
+        new = max(need + 64, 2 * old)
         for kv in (self.k, self.v):
             for i in range(self.num_layers):
                 grown = torch.zeros((new, *self.shape), dtype=self.dtype, device=self.device)
