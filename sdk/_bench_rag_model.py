@@ -156,8 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contexts = [int(x) for x in str(args.context_tokens or "1024,2048,4096,8192").split(",")]
     model, tok = kvfuse.hf.from_pretrained(args.model)
     kvfuse.hf.enable(model, device=args.device)
-    positions = int(getattr(model.config, "max_position_embeddings", 8192))
-    store = kvfuse.hf.make_store(model, num_pages=2 * (positions // 16) + 64)
+    from kvfuse.rag._pipeline import default_pages
+
+    store = kvfuse.hf.make_store(model, num_pages=default_pages(model))
     print(f"{args.model}: quality on {args.questions} questions ({args.docs} documents each), blend ratios {ratios}")
     q = quality(model, tok, store, args.questions, ratios, args.docs, args.max_new_tokens, args.seed)
     _print_quality(q)

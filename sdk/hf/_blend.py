@@ -3,9 +3,10 @@
 
 1. the prompt's stored chunks are copied into scratch pages beside the question's;
 2. layer 0 is recomputed for every token;
-3. layer 1 runs once as a probe: kvfuse's attention function collects its fresh keys
-   (whatever the projection: bias, q/k norm), and ``blend_select`` picks the tokens whose
-   keys deviate most from the stored ones, plus the question;
+3. layer 1's attention (not its MLP) runs once as a probe: kvfuse's attention function
+   collects its fresh keys (whatever the projection: bias, q/k norm), and
+   ``blend_select`` picks the tokens whose keys deviate most from the stored ones, plus
+   the question;
 4. layers 1.. recompute only those tokens, as queries at their true positions over every
    token's KV, theirs replaced (so the mask is exact);
 5. ``generate`` continues from the blended KV.
@@ -83,7 +84,12 @@ def blended(
         chosen = positions
         if len(inner.layers) > 1 and n_ctx:  # 3. the layer-1 probe
             scratch.probe = []
-            inner.layers[1](x, position_ids=positions[None], position_embeddings=pe, cache=scratch)
+            probe = inner.layers[1]
+            if hasattr(probe, "input_layernorm") and hasattr(probe, "self_attn"):  # the keys need no MLP
+                h = probe.input_layernorm(x)
+                probe.self_attn(hidden_states=h, position_ids=positions[None], position_embeddings=pe, cache=scratch)
+            else:
+                probe(x, position_ids=positions[None], position_embeddings=pe, cache=scratch)
             fresh, scratch.probe = scratch.probe[0], None
             k_stored = rows.k[1].view(-1, *rows.k[1].shape[2:])[full.slots[:n_ctx]]
             starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]

@@ -82,6 +82,14 @@ def deviation(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, floa
     return float((reference - other).abs().max()), kl
 
 
+def default_pages(model: Any) -> int:
+    """Device-pool pages for the model's longest prompt three times over: its documents
+    (pinned while a request reads them; each chunk rounds up to whole pages), blend's
+    scratch copy of the prompt, and the answer's own pages."""
+    positions = int(getattr(model.config, "max_position_embeddings", 8192))
+    return 3 * (positions // 16) + 256
+
+
 class Clock:
     """A ``generate`` streamer that notes when the first and the last new token arrive."""
 
@@ -128,8 +136,7 @@ class RagPipeline:
         self.system, self.in_context, self.lead = system, bool(in_context), int(lead)
         self._enable()
         if store is None:
-            positions = int(getattr(model.config, "max_position_embeddings", 8192))
-            store = kvfuse.hf.make_store(model, num_pages=2 * (positions // 16) + 64)
+            store = kvfuse.hf.make_store(model, num_pages=default_pages(model))
         self.store = store
         self.pool = store.pool
 
