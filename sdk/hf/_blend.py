@@ -87,7 +87,9 @@ def blended(
             probe = inner.layers[1]
             if hasattr(probe, "input_layernorm") and hasattr(probe, "self_attn"):  # the keys need no MLP
                 h = probe.input_layernorm(x)
-                probe.self_attn(hidden_states=h, position_ids=positions[None], position_embeddings=pe, cache=scratch)
+                probe.self_attn(
+                    h, position_embeddings=pe, attention_mask=None, position_ids=positions[None], cache=scratch
+                )
             else:
                 probe(x, position_ids=positions[None], position_embeddings=pe, cache=scratch)
             fresh, scratch.probe = scratch.probe[0], None
