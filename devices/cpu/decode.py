@@ -124,7 +124,11 @@ def _staging(which: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
 
 
 def _gather(which: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``rows[slots]`` head-major, [num_kv_heads, n_k, head_dim], in rows' dtype (a staging buffer)."""
+    """``rows[slots]`` head-major, [num_kv_heads, n_k, head_dim], in rows' dtype: a
+    transposed view of one index_select for a few keys, else a staging buffer filled
+    head by head (contiguous for the kernel)."""
+    if slots.shape[0] <= 256:
+        return rows.index_select(0, slots).transpose(0, 1)
     out = _staging(which, (rows.shape[1], slots.shape[0], rows.shape[2]), rows.dtype)
     for h in range(rows.shape[1]):
         torch.index_select(rows[:, h], 0, slots, out=out[h])
@@ -163,7 +167,7 @@ def _keys_values(
     hkv, d = k_rows.shape[1:]
     n_k = int(req.slots.shape[0])
     dtype = torch.float32 if req.rope is not None else k_rows.dtype
-    if req.carried is None:
+    if req.carried is None or not req.carried.get("chained"):  # no later step will extend this plan (yet)
         keys, values = _gather(0, k_rows, req.slots), _gather(1, v_rows, req.slots)
         if req.rope is not None:
             keys = _rotate_keys(keys, req.rope[2], req.rope[3], style, _staging(2, (hkv, n_k, d), torch.float32))
@@ -190,10 +194,7 @@ def _keys_values(
             grown.keys[:, :start], grown.values[:, :start] = held.keys[:, :start], held.values[:, :start]  # type: ignore[union-attr]
         held = req.carried[slot] = grown
     new = req.slots[start:]
-    if new.shape[0] <= 16:  # a decode step's new keys: one small index_select each
-        fresh_k, fresh_v = k_rows.index_select(0, new).transpose(0, 1), v_rows.index_select(0, new).transpose(0, 1)
-    else:
-        fresh_k, fresh_v = _gather(0, k_rows, new), _gather(1, v_rows, new)
+    fresh_k, fresh_v = _gather(0, k_rows, new), _gather(1, v_rows, new)
     if req.rope is not None:
         _rotate_keys(fresh_k, req.rope[2][start:], req.rope[3][start:], style, held.keys[:, start:n_k])
     else:
