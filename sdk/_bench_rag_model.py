@@ -177,12 +177,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "model": args.model,
-        "device": args.device or getattr(model, "_kvfuse_device", None) or "auto",
+        "device": args.device or _best_device(),
         "threads": torch.get_num_threads(),
         "max_new_tokens": args.max_new_tokens,
         "quality": q,
         "results": rows,
     }
+
+
+def _best_device() -> str:
+    """The device automatic choice takes: the available one of highest priority."""
+    import kvfuse
+
+    reg = kvfuse.registry()
+    return max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
 
 
 def _print_quality(q: dict[str, Any]) -> None:
