@@ -74,10 +74,13 @@ def _route(
     head_dim: int,
     causal: bool,
     window_left: int,
+    softcap: float,
     rope: RopeConfig | None,
 ) -> _Route:
     """Route each request of a call: the decode path for at most DECODE_MAX_QUERIES queries
-    over at most DECODE_MAX_ELEMENTS key elements, OpenVINO otherwise; empty ones nowhere.
+    over at most DECODE_MAX_ELEMENTS key elements; a plain causal prefill (the queries are
+    the keys, position for position, no window or softcap) to torch's causal kernel;
+    OpenVINO otherwise; empty ones nowhere.
 
     q_indptr: [batch + 1], int32; q_pos: [num_q_tokens], int32
     """
@@ -93,8 +96,9 @@ def _route(
         q0, q1, k0, k1 = qi[b], qi[b + 1], ki[b], ki[b + 1]
         if q0 == q1 or k0 == k1:
             continue
-        if q1 - q0 <= decode.DECODE_MAX_QUERIES and (k1 - k0) * num_kv_heads * head_dim <= decode.DECODE_MAX_ELEMENTS:
-            slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
+        slots, k_pos = flat.slots[k0:k1], flat.k_pos[k0:k1]
+        few = q1 - q0 <= decode.DECODE_MAX_QUERIES
+        if few and (k1 - k0) * num_kv_heads * head_dim <= decode.DECODE_MAX_ELEMENTS:
             route.decode.append(
                 decode.prepare(
                     q0,
@@ -108,6 +112,16 @@ def _route(
                     index=b,
                 )
             )
+        elif (
+            not few
+            and causal
+            and window_left < 0
+            and softcap == 0
+            and q1 - q0 == k1 - k0
+            and (k1 - k0) * num_kv_heads * head_dim <= decode.DECODE_MAX_ELEMENTS
+            and torch.equal(q_pos64[q0:q1], k_pos)
+        ):
+            route.decode.append(decode.prefill(q0, k_pos, slots, table))
         else:
             route.rest.append((q0, q1, k0, k1))
     return route
@@ -161,9 +175,9 @@ class CpuDevice(Device):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_q, hq, d = q.shape
         _, page_size, hkv, _ = k_pages.shape
-        key = ("cpu", page_size, hkv, d, q_indptr, q_pos, causal, window_left, rope)
+        key = ("cpu", page_size, hkv, d, q_indptr, q_pos, causal, window_left, softcap, rope)
         route = segments.memo(
-            key, lambda: _route(q_indptr, q_pos, segments, page_size, hkv, d, causal, window_left, rope)
+            key, lambda: _route(q_indptr, q_pos, segments, page_size, hkv, d, causal, window_left, softcap, rope)
         )
         k_rows, v_rows = k_pages.view(-1, hkv, d), v_pages.view(-1, hkv, d)
         style = rope.style if rope is not None else "neox"

@@ -70,3 +70,36 @@ def test_extends_must_be_a_plan_of_the_same_geometry() -> None:
         kvfuse.plan_attention(
             q_indptr, q_pos, table, pools[0], pools[1], num_q_heads=HQ, rope=ROPE, device="cpu", extends=base
         )
+
+
+@pytest.mark.parametrize("rope", [ROPE, None], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_plain_causal_prefill_takes_torchs_causal_kernel(dtype: torch.dtype, rope: RopeConfig | None) -> None:
+    """A request whose queries are its keys (a model's prefill) runs torch's causal flash
+    kernel on the cpu device, within the contract's tolerance of the float64 reference;
+    a request over a stored prefix does not (its mask is not square)."""
+    from kvfuse.ops._attention import fusion_attention_reference
+    from kvfuse.ops._checks import TOLERANCES
+
+    g = torch.Generator().manual_seed(3)
+    n = 300  # pages 5..23, the last one partly filled
+    k, v = (torch.randn(40, P, HKV, D, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(n, HQ, D, generator=g).to(dtype)
+    table = SegmentTable.from_lists([[(list(range(5, 24)), n, 7)]])
+    q_indptr, q_pos = torch.tensor([0, n], dtype=torch.int32), torch.arange(7, 7 + n, dtype=torch.int32)
+    plan = kvfuse.plan_attention(q_indptr, q_pos, table, k, v, num_q_heads=HQ, rope=rope, device="cpu")
+    out, lse = plan.run(q, k, v)
+    route = plan.segments._memo[next(iter(plan.segments._memo))][1]  # type: ignore[attr-defined]
+    assert [r.square for r in route.decode] == [True] and not route.rest
+    want_out, want_lse = fusion_attention_reference(q, q_indptr, q_pos, k, v, table, rope=rope)
+    (out_atol, out_rtol), (lse_atol, lse_rtol) = TOLERANCES["fp32" if dtype == torch.float32 else "bf16"]
+    torch.testing.assert_close(out.double(), want_out, atol=out_atol, rtol=out_rtol)
+    torch.testing.assert_close(lse.double(), want_lse, atol=lse_atol, rtol=lse_rtol)
+    one_shot = kvfuse.fusion_attention(q, q_indptr, q_pos, k, v, table, rope=rope, device="cpu")
+    assert torch.equal(out, one_shot[0]) and torch.equal(lse, one_shot[1])
+    prefix = SegmentTable.from_lists([[([30], 16, 0), (list(range(5, 24)), n, 16)]])
+    shifted = torch.arange(16, 16 + n, dtype=torch.int32)
+    other = kvfuse.plan_attention(q_indptr, shifted, prefix, k, v, num_q_heads=HQ, rope=rope, device="cpu")
+    other.run(q, k, v)
+    route = other.segments._memo[next(iter(other.segments._memo))][1]  # type: ignore[attr-defined]
+    assert not route.decode and len(route.rest) == 1
