@@ -36,6 +36,6 @@ step devices $KVFUSE devices
 KVFUSE_NVIDIA_AUTOTUNE=0 step conformance $KVFUSE conformance run --device nvidia --profile full \
     --json "$OUT/conformance-nvidia.json" --junitxml "$OUT/conformance-nvidia.xml"
 step bench-ops $KVFUSE bench ops --device nvidia --json "$OUT/bench-ops-nvidia.json"
-step bench-rag $KVFUSE bench rag --device nvidia --context-tokens "${RAG_TOKENS:-8192}" --layers 16 \
+step bench-rag $KVFUSE bench rag --model random --device nvidia --context-tokens "${RAG_TOKENS:-8192}" --layers 16 \
     --json "$OUT/bench-rag-nvidia.json"
 exit $rc

