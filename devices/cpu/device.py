@@ -1,6 +1,8 @@
 """CpuDevice: Intel/x86 through OpenVINO's CPU plugin.
 
-fusion_attention runs as a compiled OpenVINO model (``attention.py``); the ops OpenVINO
+fusion_attention runs as a compiled OpenVINO model (``attention.py``), except decode and
+plain causal prefill, which run on torch's cpu flash-attention kernel where it was
+measured faster (``decode.py``); each plan routes its requests once. The ops OpenVINO
 does not fit (moves, merge, rope_rerotate, blend_select) are vectorised torch on host
 memory. fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
 otherwise run them in bf16 on AVX-512 BF16 parts). Scores are f32 for every dtype; bf16
@@ -52,8 +54,8 @@ def _ov_input(t: torch.Tensor) -> object:
 
 @dataclass(frozen=True)
 class _Route:
-    """Per plan: which requests take the decode path (with what they derive once), and
-    which (q0, q1, k0, k1) query and key ranges go to OpenVINO.
+    """Per plan: which requests take torch's kernel (decode or plain causal prefill, with
+    what they derive once), and which (q0, q1, k0, k1) query and key ranges go to OpenVINO.
 
     q_pos: [num_q_tokens], int64
     """
