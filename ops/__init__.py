@@ -31,9 +31,12 @@ from __future__ import annotations
 import typing
 
 import torch
+from kvfuse._registry import registry as _registry
 from kvfuse.ops import _attention, _blend, _merge, _moves, _rope
 from kvfuse.ops._blend import blend_count
+from kvfuse.ops._dispatch import call as _call
 from kvfuse.ops._dispatch import run as _run
+from kvfuse.ops._dispatch import takes_keyword as _takes_keyword
 from kvfuse.ops._moves import TransferHandle
 from kvfuse.ops._plan import AppendPlan, AttentionPlan, plan_append, plan_attention
 from kvfuse.ops._rope import RopeConfig
@@ -241,7 +244,12 @@ def append_kv(
 
 
 def gather_pages(
-    k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor, *, device: str | None = None
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_ids: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy pages out of a pool into contiguous buffers. Repeated ids are allowed. Bit-exact.
 
@@ -249,16 +257,31 @@ def gather_pages(
         k_pages: [num_pages, page_size, num_kv_heads, head_dim], fp32/fp16/bf16
         v_pages: [num_pages, page_size, num_kv_heads, head_dim], k_pages.dtype
         page_ids: [n], int32
+        out: (k_buf, v_buf) to write into, each [n, page_size, num_kv_heads, head_dim],
+            k_pages.dtype, contiguous, on the pools' device, disjoint from each other and
+            from the pools; checked before any write (a bad one is a ContractError naming
+            it, and nothing is written). None: new buffers.
 
     Returns:
-        k_buf: [n, page_size, num_kv_heads, head_dim], k_pages.dtype, contiguous
-        v_buf: [n, page_size, num_kv_heads, head_dim], k_pages.dtype, contiguous
+        k_buf: [n, page_size, num_kv_heads, head_dim], k_pages.dtype, contiguous (out[0] if given)
+        v_buf: [n, page_size, num_kv_heads, head_dim], k_pages.dtype, contiguous (out[1] if given)
     """
     req = _moves.check_gather_pages(k_pages, v_pages, page_ids)
-    result: tuple[torch.Tensor, torch.Tensor] = _run(
-        "gather_pages", req, k_pages.device, device, k_pages, v_pages, page_ids.contiguous()
-    )
-    return result
+    ids = page_ids.contiguous()
+    if out is None:
+        result: tuple[torch.Tensor, torch.Tensor] = _run(
+            "gather_pages", req, k_pages.device, device, k_pages, v_pages, ids
+        )
+        return result
+    bufs = _moves.check_gather_out(out, int(ids.shape[0]), k_pages, v_pages)
+    dev = _registry().select(req, k_pages.device, device)
+    if _takes_keyword(dev, "gather_pages", "out"):  # the device writes the buffers itself
+        _call(dev, "gather_pages", k_pages, v_pages, ids, out=bufs)
+    else:  # a device without ``out``: its buffers, copied (nothing is written if it fails)
+        k_buf, v_buf = _call(dev, "gather_pages", k_pages, v_pages, ids)
+        bufs[0].copy_(k_buf)
+        bufs[1].copy_(v_buf)
+    return bufs
 
 
 def scatter_pages(

@@ -111,6 +111,30 @@ def check_gather_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: t
     return Requirement(op="gather_pages", dtype=dtype_name(k_pages.dtype), head_dim=d, page_size=page_size)
 
 
+def check_gather_out(
+    out: object, n: int, k_pages: torch.Tensor, v_pages: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` of ``gather_pages``: two contiguous buffers of exactly
+    ``[n, page_size, num_kv_heads, head_dim]`` in the pools' dtype and device, disjoint
+    from each other and from both pools (a gather reads the pools while it writes out)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise InvalidValueError("out", "a (k_buf, v_buf) pair of tensors", type(out).__name__)
+    bufs = []
+    for name, t in (("out[0]", out[0]), ("out[1]", out[1])):
+        x = check.shape(name, t, BUF_LAYOUT, [n, *k_pages.shape[1:]])
+        check.same_dtype(name, x, "k_pages", k_pages)
+        check.on_device(name, x, k_pages.device, "k_pages")
+        check.contiguous(name, x)
+        bufs.append(x)
+    spans = [("out[0]", _span(bufs[0])), ("out[1]", _span(bufs[1]))]
+    others = [("out[0]", _span(bufs[0])), ("k_pages", _span(k_pages)), ("v_pages", _span(v_pages))]
+    for i, (name, (a0, a1)) in enumerate(spans):
+        for other, (b0, b1) in others[: 1 if i == 1 else 0] + others[1:]:
+            if a0 < b1 and b0 < a1 and a1 > a0:
+                raise InvalidValueError(name, f"memory disjoint from {other}", "an overlapping view")
+    return bufs[0], bufs[1]
+
+
 def gather_pages_reference(
     k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

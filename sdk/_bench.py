@@ -48,6 +48,7 @@ class BenchResult:
     speedup: float
     gbps: float | None = None
     fraction_of_clone: float | None = None
+    fraction_of_memcpy: float | None = None
     dtype: str | None = None
     us_per_call: float | None = None
 
@@ -57,22 +58,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_pair(
-    fn: Callable[[], object], base: Callable[[], object], repeat: int, device: torch.device
-) -> tuple[float, float]:
+def _medians(fns: list[Callable[[], object]], repeat: int, device: torch.device) -> list[float]:
     """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved
     (the GPU synchronised around every run)."""
-    fn()
-    base()
-    times: tuple[list[float], list[float]] = ([], [])
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        for i, f in enumerate((fn, base)):
+        for i, f in enumerate(fns):
             _sync(device)
             start = time.perf_counter()
             f()
             _sync(device)
             times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
+
+
+def _median_pair(
+    fn: Callable[[], object], base: Callable[[], object], repeat: int, device: torch.device
+) -> tuple[float, float]:
+    secs, base_secs = _medians([fn, base], repeat, device)
+    return secs, base_secs
 
 
 def _torch_device(name: str) -> torch.device:
@@ -116,6 +122,7 @@ def _overhead(device: str, dtype_name: str, calls: int = 200) -> Iterator[BenchR
     q, q_indptr, q_pos, k_pages, v_pages, table = _problem(device, 16, 1, DTYPES[dtype_name], geometry)
     tdev = q.device
     plan = kvfuse.plan_attention(q_indptr, q_pos, table, k_pages, v_pages, num_q_heads=q.shape[1], device=device)
+
     def one_shot() -> object:
         return kvfuse.fusion_attention(q, q_indptr, q_pos, k_pages, v_pages, table, device=device)
 
@@ -221,26 +228,35 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
     k_buf, v_buf = k_pages[ids.long()].contiguous(), v_pages[ids.long()].contiguous()
     nbytes = 2 * k_buf.numel() * k_buf.element_size()  # k and v, written once each
 
-    def clone() -> object:
+    k_out, v_out = torch.empty_like(k_buf), torch.empty_like(v_buf)
+
+    def clone() -> object:  # a fresh allocation each time: mostly page faults on a CPU
         return k_buf.clone(), v_buf.clone()
 
+    def memcpy() -> object:  # the memory limit: the same bytes into buffers already mapped
+        return k_out.copy_(k_buf), v_out.copy_(v_buf)
+
+    k_into, v_into = torch.empty_like(k_buf), torch.empty_like(v_buf)
     ops: dict[str, Callable[[], object]] = {
         "gather_pages": lambda: kvfuse.gather_pages(k_pages, v_pages, ids, device=device),
+        "gather_pages/out": lambda: kvfuse.gather_pages(k_pages, v_pages, ids, out=(k_into, v_into), device=device),
         "scatter_pages": lambda: kvfuse.scatter_pages(k_buf, v_buf, dst[0], dst[1], dst_ids, device=device),
         "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
     }
     for op, fn in ops.items():
-        secs, base_secs = _median_pair(fn, clone, repeat, tdev)
+        secs, memcpy_secs, clone_secs = _medians([fn, memcpy, clone], repeat, tdev)
+        name, _, variant = op.partition("/")
         yield BenchResult(
-            op,
-            f"{n}of{num_pages}-pages/{dtype_name}",
+            name,
+            f"{n}of{num_pages}-pages{'/' + variant if variant else ''}/{dtype_name}",
             device,
-            "torch.clone",
+            "warm memcpy",
             secs,
-            base_secs,
-            base_secs / secs,
+            memcpy_secs,
+            memcpy_secs / secs,
             gbps=nbytes / secs / 1e9,
-            fraction_of_clone=base_secs / secs,
+            fraction_of_clone=clone_secs / secs,
+            fraction_of_memcpy=memcpy_secs / secs,
         )
 
 
@@ -302,7 +318,12 @@ def _cmd(args: argparse.Namespace) -> int:
         devices = [best.name]
 
     def line(r: BenchResult) -> None:
-        extra = f"  {r.gbps:6.2f} GB/s  {100 * (r.fraction_of_clone or 0):5.1f}% of clone" if r.gbps else ""
+        extra = (
+            f"  {r.gbps:6.2f} GB/s  {100 * (r.fraction_of_memcpy or 0):5.1f}% of memcpy, "
+            f"{100 * (r.fraction_of_clone or 0):5.1f}% of clone"
+            if r.gbps
+            else ""
+        )
         print(
             f"{r.device:10} {r.op:16} {r.case:28} {r.seconds * 1e3:10.2f} ms  {r.baseline} "
             f"{r.baseline_seconds * 1e3:10.2f} ms  x{r.speedup:5.2f}{extra}",

@@ -251,9 +251,15 @@ class Device(abc.ABC):
         raise self._unsupported("append_kv")
 
     def gather_pages(
-        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+        self,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+        *,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :func:`kvfuse.ops.gather_pages`."""
+        """See :func:`kvfuse.ops.gather_pages`. ``out`` (validated by kvfuse) is optional for
+        a device: one whose method does not take it gets its result copied into ``out``."""
         raise self._unsupported("gather_pages")
 
     def scatter_pages(

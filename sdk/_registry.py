@@ -63,7 +63,11 @@ def _signature_problem(dev: Device, op: str) -> str | None:
         return f"device {dev.name!r}: cannot read the signature of {op}: {exc}"
     params = list(want.parameters.values())[1:]
     pos = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    kw = {p.name: p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    kw = {  # optional keywords added to the contract later (gather_pages' out) are not required
+        p.name: p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    }
     try:
         got.bind(dev, *pos, **kw)
     except TypeError as exc:
@@ -155,7 +159,7 @@ class Registry:
                 return f"kvfuse_devices returned {type(dev).__name__!s}, expected kvfuse.Device instances"
             version = getattr(dev, "api_version", None)
             if not isinstance(version, str):
-                return f"device {getattr(dev, 'name', '?')!r} declares no api_version (e.g. api_version = \"1.0\")"
+                return f'device {getattr(dev, "name", "?")!r} declares no api_version (e.g. api_version = "1.0")'
             if not _api_compatible(dev.api_version):
                 return (
                     f"device {dev.name!r} declares api_version {dev.api_version!r}, "

@@ -398,9 +398,14 @@ class CpuDevice(Device):
         moves.append_kv(k, v, k_pages, v_pages, slot_mapping)
 
     def gather_pages(
-        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+        self,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+        *,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return moves.gather_pages(k_pages, v_pages, page_ids)
+        return moves.gather_pages(k_pages, v_pages, page_ids, out)
 
     def scatter_pages(
         self,

@@ -49,10 +49,18 @@ def append_kv(
 
 
 def gather_pages(
-    k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_ids: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Into ``out`` (already mapped: the memory's speed) or new buffers (a page fault per
+    4 KiB on first touch: about a sixth of it on this VM)."""
     ids = page_ids.to(torch.int64)
-    k_buf, v_buf = (torch.empty((ids.numel(), *p.shape[1:]), dtype=p.dtype) for p in (k_pages, v_pages))
+    if out is not None:
+        k_buf, v_buf = out
+    else:
+        k_buf, v_buf = (torch.empty((ids.numel(), *p.shape[1:]), dtype=p.dtype) for p in (k_pages, v_pages))
     _select(k_pages, ids, k_buf)
     _select(v_pages, ids, v_buf)
     return k_buf, v_buf

@@ -76,9 +76,19 @@ class ReferenceDevice(Device):
         _moves.append_kv_reference(k, v, k_pages, v_pages, slot_mapping)
 
     def gather_pages(
-        self, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
+        self,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        page_ids: torch.Tensor,
+        *,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _moves.gather_pages_reference(k_pages, v_pages, page_ids)
+        k_buf, v_buf = _moves.gather_pages_reference(k_pages, v_pages, page_ids)
+        if out is None:
+            return k_buf, v_buf
+        out[0].copy_(k_buf)
+        out[1].copy_(v_buf)
+        return out
 
     def scatter_pages(
         self,

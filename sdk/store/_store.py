@@ -433,9 +433,7 @@ class TieredStore:
     def _demote_one_device(self) -> None:
         e = self._victim("device")
         if e is None or e.pages is None:
-            raise StoreError(
-                f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned"
-            )
+            raise StoreError(f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned")
         self._trim_host(room=e.nbytes)  # raises if the disk refuses: e stays on the device
         try:
             k, v = self.pool.read(e.pages, e.num_tokens)

@@ -90,3 +90,33 @@ def test_transfer_handle_reports_failed_pages() -> None:
     with pytest.raises(kvfuse.TransferError) as info:
         handle.wait()
     assert info.value.failed_pages == [4, 9] and "link down" in str(info.value)
+
+
+@pytest.mark.parametrize("device", ["reference", "cpu", "npu"])
+def test_gather_pages_into_caller_buffers(device: str) -> None:
+    """``out=``: the pages land in the caller's buffers, bit for bit (devices that take
+    ``out`` write them; others' results are copied in); a bad ``out`` is a ContractError
+    naming it, before any write."""
+    pytest.importorskip("openvino" if device == "cpu" else "torch")
+    g = torch.Generator().manual_seed(4)
+    kp, vp = torch.randn(32, 16, 2, 8, generator=g).to(torch.bfloat16), torch.randn(32, 16, 2, 8, generator=g)
+    vp = vp.to(torch.bfloat16)
+    ids = torch.tensor([3, 5, 3, 7], dtype=torch.int32)
+    out = (torch.zeros(4, 16, 2, 8, dtype=torch.bfloat16), torch.zeros(4, 16, 2, 8, dtype=torch.bfloat16))
+    got = kvfuse.gather_pages(kp, vp, ids, out=out, device=device)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0], kp[ids.long()]) and torch.equal(out[1], vp[ids.long()])
+    z = torch.zeros(4, 16, 2, 8, dtype=torch.bfloat16)
+    for bad, name in (
+        ((z,), "out"),
+        ((torch.zeros(3, 16, 2, 8, dtype=torch.bfloat16), z), "out[0]"),
+        ((z, torch.zeros(4, 16, 2, 8)), "out[1]"),
+        ((z, torch.zeros(4, 2, 16, 8, dtype=torch.bfloat16).transpose(1, 2)), "out[1]"),
+        ((z, z), "out[1]"),
+        ((kp[:4], torch.ones(4, 16, 2, 8, dtype=torch.bfloat16)), "out[0]"),
+    ):
+        before = [t.clone() for t in bad]
+        with pytest.raises(kvfuse.ContractError) as err:
+            kvfuse.gather_pages(kp, vp, ids, out=bad, device=device)  # type: ignore[arg-type]
+        assert err.value.argument == name
+        assert all(torch.equal(t, b) for t, b in zip(bad, before))
