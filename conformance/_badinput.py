@@ -198,6 +198,39 @@ def _catalogue() -> dict[str, tuple[Callable[[], Call], type[kvfuse.KvfuseError]
         ),
         "gather_pages/range": (lambda: (kvfuse.gather_pages, (kp, vp, _i(0, 6)), {}), E.IndexRangeError, "page_ids"),
         "gather_pages/negative": (lambda: (kvfuse.gather_pages, (kp, vp, _i(-1)), {}), E.IndexRangeError, "page_ids"),
+        "gather_pages/out-not-pair": (
+            lambda: (kvfuse.gather_pages, (kp, vp, _i(1, 2, 3)), {"out": (_t(3, 4, 2, 8),)}),
+            E.InvalidValueError,
+            "out",
+        ),
+        "gather_pages/out-shape": (
+            lambda: (kvfuse.gather_pages, (kp, vp, _i(1, 2, 3)), {"out": (_t(2, 4, 2, 8), _t(3, 4, 2, 8))}),
+            E.ShapeError,
+            "out[0]",
+        ),
+        "gather_pages/out-dtype": (
+            lambda: (
+                kvfuse.gather_pages,
+                (kp, vp, _i(1, 2, 3)),
+                {"out": (_t(3, 4, 2, 8), _t(3, 4, 2, 8, dtype=torch.float16))},
+            ),
+            E.DTypeError,
+            "out[1]",
+        ),
+        "gather_pages/out-non-contiguous": (
+            lambda: (
+                kvfuse.gather_pages,
+                (kp, vp, _i(1, 2, 3)),
+                {"out": (_t(3, 4, 2, 8), _t(3, 2, 4, 8).transpose(1, 2))},
+            ),
+            E.ShapeError,
+            "out[1]",
+        ),
+        "gather_pages/out-is-the-pool": (
+            lambda: (kvfuse.gather_pages, (kp, vp, _i(5, 4, 3, 2, 1, 0)), {"out": (kp, _t(6, 4, 2, 8))}),
+            E.InvalidValueError,
+            "out[0]",
+        ),
         "gather_pages/ids-int64": (
             lambda: (kvfuse.gather_pages, (kp, vp, torch.tensor([1])), {}),
             E.DTypeError,

@@ -265,6 +265,15 @@ def _other_cases() -> Iterator[Case]:
             base = {"dtype": dtype, "page_size": page, "num_kv_heads": 2, "head_dim": 64, "num_pages": 48}
             for op in ("append_kv", "gather_pages", "scatter_pages", "copy_pages"):
                 yield Case(f"{op}/{dtype}/p{page}", op, "value", base, "exact", frozenset(smoke | set(both)))
+            if page == 16:
+                yield Case(
+                    f"gather_pages/{dtype}/p{page}/out",
+                    "gather_pages",
+                    "value",
+                    {**base, "out": True},
+                    "exact",
+                    frozenset(smoke | set(both)),
+                )
             yield Case(
                 f"copy_pages/{dtype}/p{page}/non-blocking",
                 "copy_pages",

@@ -257,7 +257,14 @@ def _move_case(case: Case, device: str, tdev: torch.device, seed: int, errs: lis
     if missing:
         return missing
     planned = tuple(a.clone() for a in dev_args) if op == "append_kv" else None
+    if p.get("out"):  # gather into the caller's buffers (on the device, garbage first)
+        n = int(dev_args[2].shape[0])
+        kwargs = {
+            "out": tuple(torch.full((n, *k_pages.shape[1:]), 7.0, dtype=k_pages.dtype, device=tdev) for _ in "kv")
+        }
     result = public(*dev_args, device=device, **kwargs)
+    if p.get("out") and not all(r is o for r, o in zip(result, kwargs["out"])):
+        raise _Fail("gather_pages(out=...) did not return the out buffers")
     expected = ref(*ref_args)
     if planned is not None:  # the planned path writes the one-shot call's bits
         kvfuse.plan_append(planned[4], planned[2], planned[3], device=device).run(*planned[:4])
