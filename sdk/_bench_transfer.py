@@ -1,10 +1,13 @@
 """``kvfuse bench transfer``: GB/s of page transfer between two processes (Mooncake Transfer
-Engine over TCP on 127.0.0.1), against a local ``torch.clone`` of the same bytes."""
+Engine over TCP on 127.0.0.1), against raw TCP over loopback between the same two processes
+(the same bytes sent with ``sendall`` and received straight into the peer's pool: the
+limit, ``fraction_of_tcp``), and a local ``torch.clone`` of the same bytes."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -16,17 +19,27 @@ import torch
 PAGE_SIZE, HEADS, HEAD_DIM = 16, 8, 128
 
 
-def _median_pair(fn: Any, base: Any, repeat: int) -> tuple[float, float]:
+def _medians(fns: list[Any], repeat: int) -> list[float]:
     """Medians of ``repeat`` interleaved timed runs of each, after one warm-up of each."""
-    fn()
-    base()
-    times: tuple[list[float], list[float]] = ([], [])
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        for f, acc in ((fn, times[0]), (base, times[1])):
+        for f, acc in zip(fns, times):
             start = time.perf_counter()
             f()
             acc.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
+
+
+def _raw_tcp(sock: socket.socket, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Send ``k`` and ``v``'s bytes as one message and wait for the peer's acknowledgement."""
+    a, b = (memoryview(t.contiguous().view(-1).view(torch.uint8).numpy().data) for t in (k, v))
+    sock.sendall((len(a) + len(b)).to_bytes(8, "little"))
+    sock.sendall(a)
+    sock.sendall(b)
+    if sock.recv(1) != b"\x01":
+        raise ConnectionError("the raw-TCP peer did not acknowledge")
 
 
 def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> list[dict[str, Any]]:
@@ -35,7 +48,17 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
 
     top = max(counts)
     peer = subprocess.Popen(
-        [sys.executable, "-m", "kvfuse.transfer._peer", str(top), str(PAGE_SIZE), str(HEADS), str(HEAD_DIM), dtype],
+        [
+            sys.executable,
+            "-m",
+            "kvfuse.transfer._peer",
+            str(top),
+            str(PAGE_SIZE),
+            str(HEADS),
+            str(HEAD_DIM),
+            dtype,
+            "--tcp-sink",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -44,6 +67,9 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
     try:
         assert peer.stdout is not None
         desc = json.loads(peer.stdout.readline())
+        port = json.loads(peer.stdout.readline())["tcp_port"]
+        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         kv = torch.randn(2, top, PAGE_SIZE, HEADS, HEAD_DIM).to(DTYPES[dtype])
         k, v = kv[0].contiguous(), kv[1].contiguous()
         sender.register_pool(k, v)
@@ -52,9 +78,12 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
             ids = torch.randperm(top)[:n].tolist()
             dst = torch.randperm(top)[:n].tolist()
             src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
-            secs, base = _median_pair(
-                lambda ids=ids, dst=dst: sender.send_pages(k, v, ids, desc, dst).wait(),
-                lambda a=src_k, b=src_v: (a.clone(), b.clone()),
+            secs, tcp, base = _medians(
+                [
+                    lambda ids=ids, dst=dst: sender.send_pages(k, v, ids, desc, dst).wait(),
+                    lambda a=src_k, b=src_v: _raw_tcp(raw, a, b),
+                    lambda a=src_k, b=src_v: (a.clone(), b.clone()),
+                ],
                 repeat,
             )
             nbytes = 2 * n * k[0].numel() * k.element_size()
@@ -63,12 +92,16 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
                     "pages": n,
                     "bytes": nbytes,
                     "seconds": secs,
+                    "tcp_seconds": tcp,
                     "clone_seconds": base,
                     "gbps": nbytes / secs / 1e9,
+                    "tcp_gbps": nbytes / tcp / 1e9,
                     "clone_gbps": nbytes / base / 1e9,
+                    "fraction_of_tcp": tcp / secs,
                     "fraction_of_clone": base / secs,
                 }
             )
+        raw.close()
         return rows
     finally:
         sender.close()
@@ -83,8 +116,8 @@ def _cmd(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"  {r['pages']:5d} pages {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
-            f"{r['gbps']:7.2f} GB/s   clone {r['clone_gbps']:7.2f} GB/s  "
-            f"{100 * r['fraction_of_clone']:6.1f} % of clone"
+            f"{r['gbps']:7.2f} GB/s   raw TCP {r['tcp_gbps']:6.2f} GB/s  {100 * r['fraction_of_tcp']:6.1f} % of TCP"
+            f"   clone {r['clone_gbps']:7.2f} GB/s  {100 * r['fraction_of_clone']:6.1f} % of clone"
         )
     if args.json:
         with open(args.json, "w") as f:
@@ -93,7 +126,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
-    p = bench_sub.add_parser("transfer", help="page transfer between two processes vs torch.clone")
+    p = bench_sub.add_parser("transfer", help="page transfer between two processes vs raw TCP and torch.clone")
     p.add_argument("--pages", default="1,16,256,4096", help="comma-separated page counts")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", metavar="PATH")

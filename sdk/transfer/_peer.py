@@ -5,13 +5,21 @@ It registers a zeroed pool, prints its PoolDescriptor, then answers commands:
 ``{"op": "valid", "pages": [...]}`` (the sender's word that a transfer completed: only then
 are pages marked valid), ``{"op": "digest", "pages": [...]}`` (blake2b of each valid page's
 K and V bytes; invalid pages report null), ``{"op": "quit"}``.
+
+With a 7th argument ``--tcp-sink`` it also listens on a plain TCP socket on 127.0.0.1 and
+prints ``{"tcp_port": N}`` after the descriptor: the raw-TCP baseline of ``kvfuse bench
+transfer`` between the same two processes. Each message is an 8-byte little-endian length
+and that many bytes, received straight into the pool's memory (K's pages, then V's), and
+acknowledged with one byte.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import sys
+import threading
 
 import torch
 from kvfuse.store._keys import DTYPES
@@ -25,6 +33,27 @@ def page_digest(k_pages: torch.Tensor, v_pages: torch.Tensor, page: int) -> str:
     return h.hexdigest()
 
 
+def _tcp_sink(server: socket.socket, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    dest = tuple(memoryview(p.view(-1).view(torch.uint8).numpy().data) for p in (k_pages, v_pages))
+    with conn:
+        while True:
+            header = conn.recv(8, socket.MSG_WAITALL)
+            if len(header) < 8:
+                return
+            n = int.from_bytes(header, "little")
+            half = n // 2
+            for view in dest:  # K's bytes, then V's
+                got = 0
+                while got < half:
+                    step = conn.recv_into(view[got:half])
+                    if step == 0:
+                        return
+                    got += step
+            conn.sendall(b"\x01")
+
+
 def main() -> int:
     num_pages, page_size, heads, head_dim = (int(x) for x in sys.argv[1:5])
     shape = (num_pages, page_size, heads, head_dim)
@@ -32,6 +61,10 @@ def main() -> int:
     v_pages = torch.zeros(shape, dtype=DTYPES[sys.argv[5]])
     transport = MooncakeTransport()
     print(json.dumps(transport.register_pool(k_pages, v_pages)), flush=True)
+    if sys.argv[6:7] == ["--tcp-sink"]:
+        server = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=_tcp_sink, args=(server, k_pages, v_pages), daemon=True).start()
+        print(json.dumps({"tcp_port": server.getsockname()[1]}), flush=True)
     valid: set[int] = set()
     for line in sys.stdin:
         cmd = json.loads(line)

@@ -107,3 +107,16 @@ def test_bench_rag_on_the_trained_model_json(tmp_path: Path) -> None:
     assert r["context_tokens"] >= 300 and r["reuse_misses"] == 0  # ingested before the timed runs
     assert r["speedup_reuse_vs_hf"] == pytest.approx(r["ttft_hf_s"] / r["ttft_reuse_s"])
     assert "TTFT HF" in stdout
+
+
+@pytest.mark.netns
+def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
+    """Mooncake page transfer between two processes, against raw TCP between the same two
+    processes and a local clone, in one run."""
+    pytest.importorskip("mooncake.engine")
+    data, stdout = _bench(tmp_path, "transfer", "--pages", "4,16", "--repeat", "1")
+    for r in data["results"]:
+        assert r["gbps"] > 0 and r["tcp_gbps"] > 0
+        assert r["fraction_of_tcp"] == pytest.approx(r["tcp_seconds"] / r["seconds"])
+        assert r["fraction_of_clone"] == pytest.approx(r["clone_seconds"] / r["seconds"])
+    assert "% of TCP" in stdout
