@@ -4,8 +4,9 @@ fusion_attention is compared with ``torch.nn.functional.scaled_dot_product_atten
 equivalent contiguous tensors (on CPU: GQA via ``enable_gqa`` and a positional causal
 mask; on CUDA: the flash backend (memory-efficient for fp32) with repeated heads and a
 bottom-right causal bias);
-page moves with ``torch.clone`` of the same bytes, on the device's torch device. Times are medians of
-``--repeat`` runs after a warm-up, device and baseline interleaved.
+page moves with warm memcpy of the same bytes into an existing buffer (the memory's limit)
+and with ``torch.clone``, on the device's torch device. Times are medians of ``--repeat``
+runs after a warm-up, device and baselines interleaved.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _medians(fns: list[Callable[[], object]], repeat: int, device: torch.device) -> list[float]:
+def medians(fns: list[Callable[[], object]], repeat: int, device: torch.device) -> list[float]:
     """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved
     (the GPU synchronised around every run)."""
     for f in fns:
@@ -77,7 +78,7 @@ def _medians(fns: list[Callable[[], object]], repeat: int, device: torch.device)
 def _median_pair(
     fn: Callable[[], object], base: Callable[[], object], repeat: int, device: torch.device
 ) -> tuple[float, float]:
-    secs, base_secs = _medians([fn, base], repeat, device)
+    secs, base_secs = medians([fn, base], repeat, device)
     return secs, base_secs
 
 
@@ -244,7 +245,7 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
         "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
     }
     for op, fn in ops.items():
-        secs, memcpy_secs, clone_secs = _medians([fn, memcpy, clone], repeat, tdev)
+        secs, memcpy_secs, clone_secs = medians([fn, memcpy, clone], repeat, tdev)
         name, _, variant = op.partition("/")
         yield BenchResult(
             name,
@@ -307,15 +308,17 @@ def run_bench(
     return results
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def best_device() -> str:
+    """The device the benchmarks measure by default: the available one of highest priority."""
     import kvfuse
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     reg = kvfuse.registry()
-    devices = args.devices
-    if not devices:
-        best = max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority)
-        devices = [best.name]
+    return max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    devices = args.devices or [best_device()]
 
     def line(r: BenchResult) -> None:
         extra = (

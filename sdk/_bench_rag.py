@@ -233,15 +233,12 @@ def _cmd(args: argparse.Namespace) -> int:
         from kvfuse._bench_rag_model import cmd
 
         return cmd(args)
-    import kvfuse
+    from kvfuse._bench import best_device
 
     args.context_tokens = max(int(x) for x in str(args.context_tokens or "8192").split(","))
     args.ratio = (args.ratio or [0.15])[0]
 
-    reg = kvfuse.registry()
-    device = (
-        args.device or max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
-    )
+    device = args.device or best_device()
     if args.remote:
         r = run_remote(
             device,

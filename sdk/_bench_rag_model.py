@@ -95,14 +95,18 @@ def ttft_sweep(
     rag = RagPipeline(model, tok, store=store)
     base = qa_set(1, seed=seed, docs=4)[0]
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
+
+    def length(q: Any) -> int:
+        return len(rag.prompt(q.docs, q.question).ids)
+
+    per_doc = max(1, length(base) // len(base.docs))
     rows = []
     for n in contexts:
         q, extra = base, 0
-        per_doc = max(1, len(rag.prompt(base.docs, base.question).ids) // max(1, len(base.docs)))
-        while len(rag.prompt(q.docs, q.question).ids) < n:
-            extra += max(1, (n - len(rag.prompt(q.docs, q.question).ids)) // per_doc)
+        while (have := length(q)) < n:  # distractors until the prompt reaches n tokens
+            extra += max(1, (n - have) // per_doc)
             q = padded(base, extra, seed=seed)
-        while extra > 0 and len(rag.prompt(q.docs, q.question).ids) > limit:  # the model's longest prompt
+        while extra > 0 and length(q) > limit:  # the model's longest prompt
             extra -= 1
             q = padded(base, extra, seed=seed)
         p = rag.prompt(q.docs, q.question)
@@ -150,6 +154,7 @@ def _row_line(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import kvfuse.hf
     import transformers
+    from kvfuse._bench import best_device
 
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     ratios = args.ratio or [0.05, 0.15, 0.3]
@@ -177,20 +182,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "model": args.model,
-        "device": args.device or _best_device(),
+        "device": args.device or best_device(),
         "threads": torch.get_num_threads(),
         "max_new_tokens": args.max_new_tokens,
         "quality": q,
         "results": rows,
     }
-
-
-def _best_device() -> str:
-    """The device automatic choice takes: the available one of highest priority."""
-    import kvfuse
-
-    reg = kvfuse.registry()
-    return max((d for d in reg.devices() if reg.probe(d.name).available), key=lambda d: d.priority).name
 
 
 def _print_quality(q: dict[str, Any]) -> None:

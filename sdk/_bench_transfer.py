@@ -6,30 +6,21 @@ limit, ``fraction_of_tcp``), and a local ``torch.clone`` of the same bytes."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
+from kvfuse._bench import medians
 
 PAGE_SIZE, HEADS, HEAD_DIM = 16, 8, 128
 
 
-def _medians(fns: list[Any], repeat: int) -> list[float]:
-    """Medians of ``repeat`` interleaved timed runs of each, after one warm-up of each."""
-    for f in fns:
-        f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat):
-        for f, acc in zip(fns, times):
-            start = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+def _clone(k: torch.Tensor, v: torch.Tensor) -> object:
+    return k.clone(), v.clone()
 
 
 def _raw_tcp(sock: socket.socket, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -78,13 +69,14 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
             ids = torch.randperm(top)[:n].tolist()
             dst = torch.randperm(top)[:n].tolist()
             src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
-            secs, tcp, base = _medians(
+            secs, tcp, base = medians(
                 [
-                    lambda ids=ids, dst=dst: sender.send_pages(k, v, ids, desc, dst).wait(),
-                    lambda a=src_k, b=src_v: _raw_tcp(raw, a, b),
-                    lambda a=src_k, b=src_v: (a.clone(), b.clone()),
+                    functools.partial(lambda i, d: sender.send_pages(k, v, i, desc, d).wait(), ids, dst),
+                    functools.partial(_raw_tcp, raw, src_k, src_v),
+                    functools.partial(_clone, src_k, src_v),
                 ],
                 repeat,
+                torch.device("cpu"),
             )
             nbytes = 2 * n * k[0].numel() * k.element_size()
             rows.append(

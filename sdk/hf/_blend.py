@@ -66,7 +66,7 @@ def blended(
     inner, device = model.model, store.pool.device
     ids = [t for c in chunks for t in c] + list(question)
     total, n_ctx = len(ids), sum(len(c) for c in chunks)
-    keys = chunk_keys(model, chunks, after)
+    keys = chunk_keys(store, chunks, after)
     with plan(store, chunks, 0, keys) as p, PagedCache(model, store=store) as scratch, torch.no_grad():
         fill_misses(model, store, p, chunks, after)
         rows = scratch.rows

@@ -39,12 +39,11 @@ def make_store(model: Any, num_pages: int, **kwargs: Any) -> TieredStore:
     return TieredStore(ns, KVPool(ns, num_pages, device=next(model.parameters()).device), **kwargs)
 
 
-def chunk_keys(model: Any, chunks: Sequence[Sequence[int]], after: int | None = None) -> list[str]:
-    """Store keys of ``chunks``; with ``after``, every chunk but that one is keyed as
+def chunk_keys(store: TieredStore, chunks: Sequence[Sequence[int]], after: int | None = None) -> list[str]:
+    """Keys of ``chunks`` in ``store``; with ``after``, every chunk but that one is keyed as
     computed after it (``chunk_key(..., context=chunks[after])``)."""
-    ns = namespace(model)
     ctx = list(chunks[after]) if after is not None else None
-    return [chunk_key(ns, list(c), None if i == after else ctx) for i, c in enumerate(chunks)]
+    return [chunk_key(store.namespace, list(c), None if i == after else ctx) for i, c in enumerate(chunks)]
 
 
 def fill_misses(
@@ -70,7 +69,7 @@ def ingest(model: Any, store: TieredStore, chunks: Sequence[Sequence[int]], afte
     """Prefill every chunk that is not stored yet (alone at positions 0..n-1, or after
     chunk ``after`` as :func:`fill_misses`) and store it, one chunk at a time (only the
     context stays pinned meanwhile); returns how many chunks were computed."""
-    keys = chunk_keys(model, chunks, after)
+    keys = chunk_keys(store, chunks, after)
     done = 0
     for i in range(len(chunks)):
         idx = [i] if after is None or i == after else [after, i]
@@ -109,7 +108,7 @@ def reused(
     """A ``PagedCache`` holding the stored KV of ``chunks`` at their positions in the
     prompt (filled first where missing), and the plan that pins it, for the block
     (``split``: as ``PagedCache``)."""
-    with plan(store, chunks, live_tokens=0, keys=chunk_keys(model, chunks, after)) as p:
+    with plan(store, chunks, live_tokens=0, keys=chunk_keys(store, chunks, after)) as p:
         fill_misses(model, store, p, chunks, after)
         prefix = list(zip(p.pages, p.lengths, p.positions))
         with PagedCache(model, store=store, prefix=prefix, split=split) as cache:

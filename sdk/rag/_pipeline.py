@@ -39,7 +39,7 @@ from kvfuse.hf import PagedCache, blend_generate, generate_with_chunks, ingest
 from kvfuse.hf._blend import blended
 from kvfuse.hf._reuse import chunk_keys, reused
 from kvfuse.rag._prompt import SYSTEM, Prompt, build_prompt
-from kvfuse.store import TieredStore, chunk_key
+from kvfuse.store import TieredStore
 
 MODES = ("full", "reuse", "blend")
 
@@ -80,6 +80,11 @@ def deviation(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, floa
     lp, lq = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
     kl = float((lp.exp() * (lp - lq)).sum())
     return float((reference - other).abs().max()), kl
+
+
+def _check_mode(mode: object) -> None:
+    if mode not in MODES:
+        raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
 
 
 def default_pages(model: Any) -> int:
@@ -172,8 +177,6 @@ class RagPipeline:
         self, docs: Sequence[str], question: str, mode: str = "blend", ratio: float = 0.15, max_new_tokens: int = 32
     ) -> Answer:
         """Answer ``question`` from ``docs`` (greedy) with the KV of ``mode``."""
-        if mode not in MODES:
-            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
         p = self.prompt(docs, question)
         start = time.perf_counter()
         clock = Clock()
@@ -200,8 +203,7 @@ class RagPipeline:
     def _state(self, p: Prompt, mode: str, ratio: float) -> Iterator[tuple[PagedCache, int, dict[str, int]]]:
         """A cache holding ``mode``'s KV of the prompt's first ``seen`` tokens (generate
         and forward feed the rest), and the store counts."""
-        if mode not in MODES:
-            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
+        _check_mode(mode)
         self._enable()
         after = 0 if self.in_context else None
         if mode == "full":
@@ -217,9 +219,7 @@ class RagPipeline:
 
     def keys(self, chunks: Sequence[Sequence[int]], after: int | None = None) -> list[str]:
         """Store keys of token chunks (see ``kvfuse.hf`` ``chunk_keys``)."""
-        if after is None:
-            return [chunk_key(self.store.namespace, list(c)) for c in chunks]
-        return chunk_keys(self.model, chunks, after)
+        return chunk_keys(self.store, chunks, after)
 
     # -- token level ---------------------------------------------------------------------
 
@@ -261,8 +261,7 @@ class RagPipeline:
             return generate_with_chunks(self.model, self.store, chunks, question, **generate_kwargs)
         if mode == "blend":
             return blend_generate(self.model, self.store, chunks, question, ratio, **generate_kwargs)[0]
-        if mode != "full":
-            raise InvalidValueError("mode", "'full', 'reuse' or 'blend'", mode)
+        _check_mode(mode)
         ids = self._ids([t for c in chunks for t in c] + list(question))
         with PagedCache(self.model) as cache:
             out: torch.Tensor = self.model.generate(ids, cache=cache, **generate_kwargs)

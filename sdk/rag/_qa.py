@@ -9,6 +9,7 @@ right only if it was read from the documents.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -92,7 +93,6 @@ class World:
             _Company(word(3), rng.choice(_PRODUCTS), rng.randrange(1850, 2000), person(), rng.randrange(towns))
             for _ in range(companies)
         ]
-        self.rng = rng
 
     def company_doc(self, i: int) -> str:
         return self.companies[i].text(self.towns)
@@ -101,10 +101,16 @@ class World:
         return self.towns[i].text()
 
 
+@functools.lru_cache(maxsize=4)
+def _world(seed: int) -> World:
+    """The world of ``seed``, built once (it is only read)."""
+    return World(seed)
+
+
 def qa_set(n: int = 12, *, seed: int = 0, docs: int = 6, two_fact_every: int = 3) -> list[Question]:
     """``n`` questions (every ``two_fact_every``-th a two-fact one), each over ``docs``
     documents: the ones it needs among distractors, shuffled."""
-    world = World(seed)
+    world = _world(seed)
     rng = random.Random(seed + 1)
     out: list[Question] = []
     companies = rng.sample(range(len(world.companies)), n)
@@ -154,13 +160,13 @@ def distractors(world: World, rng: random.Random, count: int, *, exclude_company
 
 def padded(q: Question, extra: int, *, seed: int = 0) -> Question:
     """``q`` with ``extra`` more distractor documents around its own (for longer contexts)."""
-    world = World(seed)
+    world = _world(seed)
     rng = random.Random(seed + 7 + extra)
     names = " ".join(q.docs)
     pool = [world.company_doc(i) for i in range(len(world.companies))] + [
         world.town_doc(i) for i in range(len(world.towns))
     ]
-    more = [d for d in pool if d.split(" ", 1)[0] not in names][:]
+    more = [d for d in pool if d.split(" ", 1)[0] not in names]
     rng.shuffle(more)
     docs = list(q.docs) + more[:extra]
     order = list(range(len(docs)))
