@@ -13,6 +13,7 @@ layer, and reused by the others.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,6 +110,7 @@ class PagedCache(Cache):
         self.split = split
         self.preset: Step | None = None  # set by a driver: every layer uses this plan
         self.probe: list[torch.Tensor] | None = None  # set by a driver: collect keys, skip attention
+        self.ready: Callable[[int], None] | None = None  # set by a driver: wait for a layer's stored KV
 
     def seen(self) -> int:
         return self._layers[0].seen
@@ -201,6 +203,9 @@ def attention_function(
     if probe is not None:  # a driver only wants this layer's fresh keys
         probe.append(key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d))
         return query.new_zeros(batch, num_new, hq, d), None
+    ready = getattr(state, "ready", None)
+    if ready is not None:  # the stored chunks' layer may still be on its way from the host or disk
+        ready(layer)
     plan = state.plan
     k_pages, v_pages = state.rows.k[layer], state.rows.v[layer]
     k_new = key.transpose(1, 2).reshape(batch * num_new, key.shape[1], d)

@@ -104,12 +104,19 @@ def reused(
     chunks: Sequence[Sequence[int]],
     after: int | None = None,
     split: tuple[str, str] | None = None,
+    layerwise: bool = True,
 ) -> Iterator[tuple[PagedCache, Plan]]:
     """A ``PagedCache`` holding the stored KV of ``chunks`` at their positions in the
     prompt (filled first where missing), and the plan that pins it, for the block
-    (``split``: as ``PagedCache``)."""
-    with plan(store, chunks, live_tokens=0, keys=chunk_keys(store, chunks, after)) as p:
+    (``split``: as ``PagedCache``). ``layerwise``: chunks promoted from the host or disk
+    tier move layer by layer while the model runs; each layer's attention waits only for
+    its own layer (a promotion that fails raises ``StoreError`` there)."""
+    loading = store.loading() if layerwise else None
+    with plan(store, chunks, live_tokens=0, keys=chunk_keys(store, chunks, after), loading=loading) as p:
+        if p.misses and loading is not None:
+            loading.wait_all()  # the misses are computed after their stored context
         fill_misses(model, store, p, chunks, after)
         prefix = list(zip(p.pages, p.lengths, p.positions))
         with PagedCache(model, store=store, prefix=prefix, split=split) as cache:
+            cache.ready = loading.wait if loading is not None else None
             yield cache, p

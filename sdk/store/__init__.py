@@ -6,6 +6,7 @@ from __future__ import annotations
 from kvfuse.store._keys import FORMAT_VERSION, Namespace, chunk_key
 from kvfuse.store._planner import Plan, plan
 from kvfuse.store._pool import KVPool
+from kvfuse.store._promote import Loading
 from kvfuse.store._remote import LocalMaster, RemoteConfig, RemoteTier
 from kvfuse.store._store import TIERS, StoreStats, TieredStore
 
@@ -13,6 +14,7 @@ __all__ = [
     "FORMAT_VERSION",
     "TIERS",
     "KVPool",
+    "Loading",
     "LocalMaster",
     "Namespace",
     "Plan",

@@ -1,22 +1,25 @@
 """The disk tier: one file per chunk, an explicit header and raw bytes, both checksummed.
 
-File layout (little-endian)::
+File layout (little-endian, format 2)::
 
-    b"KVFUSE\\x00\\x01" | u64 header length | header (JSON) | 32-byte digest of header |
-    payload (K bytes, then V bytes)
+    b"KVFUSE\\x00\\x02" | u64 header length | header (JSON) | 32-byte digest of header |
+    payload: layer 0's K bytes, layer 0's V bytes, layer 1's K, layer 1's V, ...
 
-The header holds the key, the namespace fingerprint, dtype, shape, the payload's size and
-blake2b, and ``auth``. The digest is the header's blake2b, keyed in the authenticated
-mode (``auth = "blake2b-keyed"``; see ``_auth``). Nothing is unpickled.
+The header holds the key, the namespace fingerprint, dtype, shape, the payload's size,
+one blake2b per layer (over its K then V bytes) and ``auth``. The digest is the header's
+blake2b, keyed in the authenticated mode (``auth = "blake2b-keyed"``; see ``_auth``).
+Nothing is unpickled. Layer-major payload and per-layer digests let a reader move a chunk
+layer by layer, each layer verified before anyone may read it (:class:`ChunkReader`), so
+attention on layer 0 can start while later layers are still coming from the disk.
 
 Reading trusts nothing: the file must be a regular file (opened without following links
 and without blocking, so a FIFO or device never stalls a read), the header is at most
 64 KiB, its digest must match, its fields must pass a strict schema and agree with each
 other and with the namespace, and the file's size must be exactly what the header
 declares before a payload byte is read. A file that fails any check is a miss and is
-moved to ``quarantine/``. Files are written to a temporary name, fsync'ed and renamed, so
-only complete entries are ever visible; temporary files of writers that died are removed
-when a store opens the directory.
+moved to ``quarantine/`` (format-1 files included). Files are written to a temporary
+name, fsync'ed and renamed, so only complete entries are ever visible; temporary files of
+writers that died are removed when a store opens the directory.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Annotated, Literal
 
 import torch
 from kvfuse._errors import StoreError
@@ -40,7 +43,7 @@ from kvfuse.store._auth import header_digest
 from kvfuse.store._keys import DTYPES, Namespace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-MAGIC = b"KVFUSE\x00\x01"
+MAGIC = b"KVFUSE\x00\x02"
 SUFFIX = ".kv"
 MAX_HEADER = 64 << 10
 PREFIX = len(MAGIC) + 8  # magic and header length
@@ -62,7 +65,7 @@ class ChunkHeader(BaseModel):
     dtype: Literal["fp32", "fp16", "bf16"]
     shape: tuple[int, int, int, int]
     payload_bytes: int = Field(ge=0)
-    payload_blake2b: str = Field(pattern=r"^[0-9a-f]{64}$")
+    layer_blake2b: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(max_length=4096)
     auth: Literal["none", "blake2b-keyed"] = "none"
 
 
@@ -82,8 +85,41 @@ def check_key(key: str) -> str:
     return key
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    return bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+def _layer_bytes(k: torch.Tensor, v: torch.Tensor) -> list[memoryview]:
+    """The payload's pieces in file order (K then V of each layer), without copies where
+    the layers are contiguous."""
+    parts = []
+    for i in range(k.shape[0]):
+        for t in (k[i], v[i]):
+            parts.append(bytes_of(t.detach().cpu().contiguous()))
+    return parts
+
+
+def encode_parts(
+    key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor, mac_key: bytes | None = None
+) -> list[bytes | memoryview]:
+    """One chunk in kvfuse's format, as the pieces to write in order (header, then each
+    layer's K and V).
+
+    k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the namespace's dtype
+    """
+    parts = _layer_bytes(k, v)
+    digests = []
+    for i in range(0, len(parts), 2):
+        h = hashlib.blake2b(parts[i], digest_size=32)
+        h.update(parts[i + 1])
+        digests.append(h.hexdigest())
+    header = ChunkHeader(
+        key=key,
+        namespace=namespace.fingerprint(),
+        dtype=namespace.dtype,  # type: ignore[arg-type]
+        shape=tuple(int(x) for x in k.shape),  # type: ignore[arg-type]
+        payload_bytes=sum(p.nbytes for p in parts),
+        layer_blake2b=tuple(digests),
+        auth="none" if mac_key is None else "blake2b-keyed",
+    )
+    text = header.model_dump_json().encode()
+    return [MAGIC + struct.pack("<Q", len(text)) + text + header_digest(text, mac_key), *parts]
 
 
 def encode(key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor, mac_key: bytes | None = None) -> bytes:
@@ -91,21 +127,7 @@ def encode(key: str, namespace: Namespace, k: torch.Tensor, v: torch.Tensor, mac
 
     k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the namespace's dtype
     """
-    payload_k, payload_v = _raw(k.cpu()), _raw(v.cpu())
-    h = hashlib.blake2b(digest_size=32)
-    h.update(payload_k)
-    h.update(payload_v)
-    header = ChunkHeader(
-        key=key,
-        namespace=namespace.fingerprint(),
-        dtype=namespace.dtype,  # type: ignore[arg-type]
-        shape=tuple(int(x) for x in k.shape),  # type: ignore[arg-type]
-        payload_bytes=len(payload_k) + len(payload_v),
-        payload_blake2b=h.hexdigest(),
-        auth="none" if mac_key is None else "blake2b-keyed",
-    )
-    text = header.model_dump_json().encode()
-    return MAGIC + struct.pack("<Q", len(text)) + text + header_digest(text, mac_key) + payload_k + payload_v
+    return b"".join(encode_parts(key, namespace, k, v, mac_key))
 
 
 def read_header(f: IO[bytes], size: int, key: str, namespace: Namespace, mac_key: bytes | None) -> ChunkHeader:
@@ -135,33 +157,78 @@ def read_header(f: IO[bytes], size: int, key: str, namespace: Namespace, mac_key
     want = 2 * num_tokens * namespace.num_layers * namespace.num_kv_heads * namespace.head_dim
     if meta.payload_bytes != want * namespace.torch_dtype.itemsize:
         raise ChunkRejected(f"payload_bytes {meta.payload_bytes} does not match shape {meta.shape}")
+    if len(meta.layer_blake2b) != namespace.num_layers:
+        raise ChunkRejected(f"{len(meta.layer_blake2b)} layer digests for {namespace.num_layers} layers")
     if size != PREFIX + length + 32 + meta.payload_bytes:
         raise ChunkRejected(f"entry is {size} bytes, its header declares {PREFIX + length + 32 + meta.payload_bytes}")
     return meta
 
 
-def _payload(f: IO[bytes], meta: ChunkHeader, namespace: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    buf = bytearray(meta.payload_bytes)
-    view, got = memoryview(buf), 0
-    while got < len(buf):  # one read() may return less than asked (e.g. past 2 GiB)
-        n = f.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            raise ChunkRejected("truncated payload")
-        got += n
-    if hashlib.blake2b(buf, digest_size=32).hexdigest() != meta.payload_blake2b:
-        raise ChunkRejected("payload checksum mismatch")
-    dtype = DTYPES[meta.dtype]
-    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    half = len(buf) // 2
-    return t[:half].view(dtype).reshape(meta.shape), t[half:].view(dtype).reshape(meta.shape)
+def _check_layer(meta: ChunkHeader, i: int, k: memoryview | list[memoryview], v: memoryview | list[memoryview]) -> None:
+    """Raise :class:`ChunkRejected` unless layer ``i``'s bytes (K pieces, then V pieces)
+    have the header's digest."""
+    h = hashlib.blake2b(digest_size=32)
+    for piece in [*(k if isinstance(k, list) else [k]), *(v if isinstance(v, list) else [v])]:
+        h.update(piece)
+    if h.hexdigest() != meta.layer_blake2b[i]:
+        raise ChunkRejected(f"payload checksum mismatch in layer {i}")
 
 
 def decode(
     data: bytes | memoryview, key: str, namespace: Namespace, mac_key: bytes | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (K, V) of an encoded chunk; raises :class:`ChunkRejected` on any mismatch."""
-    f = io.BytesIO(data)
-    return _payload(f, read_header(f, len(data), key, namespace, mac_key), namespace)
+    view = memoryview(data).cast("B")
+    f = io.BytesIO(view)
+    meta = read_header(f, len(view), key, namespace, mac_key)
+    dtype = DTYPES[meta.dtype]
+    k, v = (torch.empty(meta.shape, dtype=dtype) for _ in range(2))
+    layer = meta.payload_bytes // max(1, 2 * meta.shape[0])
+    at = f.tell()
+    for i in range(meta.shape[0]):
+        kb, vb = view[at : at + layer], view[at + layer : at + 2 * layer]
+        _check_layer(meta, i, kb, vb)
+        bytes_of(k[i])[:] = kb
+        bytes_of(v[i])[:] = vb
+        at += 2 * layer
+    return k, v
+
+
+class ChunkReader:
+    """One chunk file, header verified, whose payload is read layer by layer straight
+    into the caller's buffers (several layers may be read from several threads at once).
+    Close it when done."""
+
+    def __init__(self, fd: int, meta: ChunkHeader, offset: int, path: Path) -> None:
+        self.fd, self.meta, self.offset, self.path = fd, meta, offset, path
+        self.key = meta.key
+        self.num_tokens = meta.shape[1]
+        self.layer_bytes = meta.payload_bytes // max(1, 2 * meta.shape[0])  # one layer's K (or V)
+
+    def read_layer(self, i: int, k: list[memoryview], v: list[memoryview]) -> None:
+        """Read layer ``i``'s K into the pieces ``k`` (in order, ``layer_bytes`` in all) and
+        its V into ``v``, and verify them: :class:`ChunkRejected` if they are not what was
+        written (the pieces then hold garbage that nobody may read), OSError as the OS says."""
+        pieces = [*k, *v]
+        want = sum(p.nbytes for p in pieces)
+        if want != 2 * self.layer_bytes:
+            raise ValueError(f"layer {i} needs {2 * self.layer_bytes} bytes of buffers, got {want}")
+        at, done = self.offset + 2 * i * self.layer_bytes, 0
+        while pieces:  # preadv may read less than asked: go on from where it stopped
+            n = os.preadv(self.fd, pieces, at + done)
+            if n <= 0:
+                raise ChunkRejected("truncated payload")
+            done += n
+            while pieces and n >= pieces[0].nbytes:
+                n -= pieces[0].nbytes
+                pieces.pop(0)
+            if pieces and n:
+                pieces[0] = pieces[0][n:]
+        _check_layer(self.meta, i, k, v)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class DiskTier:
@@ -193,14 +260,15 @@ class DiskTier:
         """Write a chunk atomically (``encode``'s bytes); returns the file size. An OS error
         (disk full, read-only, gone) raises :class:`StoreError` and leaves no file behind."""
         path = self.path(key)
-        data = encode(key, self.namespace, k, v, self.mac_key)
+        parts = encode_parts(key, self.namespace, k, v, self.mac_key)
         tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
             if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
                 self._quarantine(path)  # a directory, FIFO or link squatting on the name
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -213,23 +281,59 @@ class DiskTier:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StoreError(f"disk tier: writing chunk {key} to {self.root} failed: {exc.strerror or exc}") from exc
-        return len(data)
+        return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
     def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's (K, V) on the host, or None (a miss) if absent, unreadable or invalid."""
-        path = self.path(key)
-        try:
-            with self._open(path) as (f, size, _):
-                return _payload(f, read_header(f, size, key, self.namespace, self.mac_key), self.namespace)
-        except FileNotFoundError:
+        reader = self.open(key)
+        if reader is None:
             return None
+        try:
+            shape, dtype = reader.meta.shape, DTYPES[reader.meta.dtype]
+            k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+            for i in range(shape[0]):
+                reader.read_layer(i, [bytes_of(k[i])], [bytes_of(v[i])])
+            return k, v
         except ChunkRejected:
-            self.rejected += 1
-            self._quarantine(path)
+            self.reject(key)
             return None
         except OSError:
             self.errors += 1
             return None
+        finally:
+            reader.close()
+
+    def open(self, key: str) -> ChunkReader | None:
+        """A reader of the chunk, its header verified, or None (a miss) if absent,
+        unreadable or invalid (then quarantined)."""
+        path = self.path(key)
+        try:
+            opened = self._open(path)
+        except FileNotFoundError:
+            return None
+        except ChunkRejected:
+            self.reject(key)
+            return None
+        except OSError:
+            self.errors += 1
+            return None
+        try:
+            meta = read_header(opened.f, opened.size, key, self.namespace, self.mac_key)
+            fd = os.dup(opened.f.fileno())
+            return ChunkReader(fd, meta, opened.f.tell(), path)
+        except ChunkRejected:
+            self.reject(key)
+            return None
+        except OSError:
+            self.errors += 1
+            return None
+        finally:
+            opened.f.close()
+
+    def reject(self, key: str) -> None:
+        """Count the chunk's file as rejected and quarantine it."""
+        self.rejected += 1
+        self._quarantine(self.path(key))
 
     def _open(self, path: Path) -> _Opened:
         """Open a regular file without following links or blocking; ChunkRejected otherwise."""
@@ -295,6 +399,11 @@ class DiskTier:
                 continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous ``t`` on the cpu, writable in place."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _alive(pid: int) -> bool:

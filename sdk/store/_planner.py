@@ -10,6 +10,7 @@ import torch
 from kvfuse._errors import InvalidValueError, StoreError
 from kvfuse.ops import SegmentTable
 from kvfuse.store._keys import chunk_key
+from kvfuse.store._promote import Loading
 from kvfuse.store._store import TieredStore
 
 
@@ -36,6 +37,7 @@ class Plan:
     live_len: int
     live_pages: list[int]
     committed: set[int] = field(default_factory=set)
+    loading: Loading | None = None  # the hits' promotions, if planned with one
     _held: list[str] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -107,13 +109,19 @@ class Plan:
 
 
 def plan(
-    store: TieredStore, chunks: Sequence[Sequence[int]], live_tokens: int, keys: Sequence[str] | None = None
+    store: TieredStore,
+    chunks: Sequence[Sequence[int]],
+    live_tokens: int,
+    keys: Sequence[str] | None = None,
+    loading: Loading | None = None,
 ) -> Plan:
     """Look every chunk up (promoting hits into the device pool, pinned for the request),
     lend pages for misses and for ``live_tokens`` live tokens after the last chunk. If any
     step fails, what the earlier steps took is given back before the error propagates.
     ``keys``: each chunk's store key, if not ``chunk_key`` of its tokens alone (e.g. one
-    with the context it is computed after)."""
+    with the context it is computed after). ``loading`` (``store.loading()``): the hits'
+    promotions are started, not awaited: call ``loading.wait(layer)`` before reading a
+    layer of them."""
     if keys is None:
         keys = [chunk_key(store.namespace, list(c)) for c in chunks]
     elif len(keys) != len(chunks):
@@ -121,7 +129,7 @@ def plan(
     keys = list(keys)
     lengths = [len(c) for c in chunks]
     positions = [sum(lengths[:i]) for i in range(len(chunks))]
-    p = Plan(store, keys, lengths, positions, [[] for _ in keys], [], [], live_tokens, [])
+    p = Plan(store, keys, lengths, positions, [[] for _ in keys], [], [], live_tokens, [], loading=loading)
     first: dict[str, int] = {}
     try:
         with store._lock:
@@ -129,7 +137,7 @@ def plan(
                 if key in first:  # repeated in this request: share the first occurrence
                     continue
                 first[key] = i
-                found = store.fetch(key, holder=p)
+                found = store.fetch(key, holder=p, loading=loading)
                 if found is not None:
                     p._held.append(key)
                     p.hits.append(i)
@@ -140,6 +148,8 @@ def plan(
             for i, key in enumerate(keys):
                 p.pages[i] = p.pages[first[key]]
             p.live_pages = store.allocate(live_tokens)
+        if loading is not None:
+            loading.start()
     except BaseException:
         p.close()
         raise

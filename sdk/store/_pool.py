@@ -9,7 +9,12 @@ from kvfuse.store._keys import Namespace
 class KVPool:
     """``k[layer]`` / ``v[layer]``: [num_pages, page_size, num_kv_heads, head_dim], contiguous —
     exactly the pools that :func:`kvfuse.fusion_attention` and :func:`kvfuse.append_kv` take.
-    Pages are allocated per chunk and shared by all layers (page p of every layer)."""
+    Pages are allocated per chunk and shared by all layers (page p of every layer).
+
+    Chunk copies outside the pool (the host tier, staging) are *padded*: [num_layers,
+    pages * page_size, num_kv_heads, head_dim], so each layer of them is whole pages that
+    :func:`kvfuse.gather_pages` writes into (``out=``) and that move to the pool as runs of
+    consecutive pages, each one ``copy_`` at the memory's speed."""
 
     def __init__(self, namespace: Namespace, num_pages: int, device: torch.device | str = "cpu") -> None:
         ns = namespace
@@ -19,6 +24,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=ns.torch_dtype, device=device)
         self.v = torch.zeros(shape, dtype=ns.torch_dtype, device=device)
         self._free = list(range(num_pages - 1, -1, -1))
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by read() off the cpu
 
     @property
     def device(self) -> torch.device:
@@ -52,22 +58,76 @@ class KVPool:
         t = torch.arange(num_tokens)
         return (torch.tensor(pages, dtype=torch.int64)[t // p] * p + t % p).to(self.device)
 
-    def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write a chunk's K/V ([num_layers, num_tokens, num_kv_heads, head_dim]) to ``pages``."""
+    def host_buffers(self, num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New padded host copies of ``num_pages`` pages: [num_layers, num_pages * page_size,
+        num_kv_heads, head_dim] each, the namespace's dtype (pinned when the pool is on a GPU)."""
+        ns = self.namespace
+        shape = (ns.num_layers, num_pages * ns.page_size, ns.num_kv_heads, ns.head_dim)
+        pin = self.device.type == "cuda"
+        return tuple(torch.empty(shape, dtype=ns.torch_dtype, pin_memory=pin) for _ in range(2))  # type: ignore[return-value]
+
+    def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layer: int | None = None) -> None:
+        """Write a chunk's K/V into ``pages``, one ``copy_`` per run of consecutive pages:
+        every layer at once, or only ``layer``.
+
+        k, v: [num_layers, num_tokens, num_kv_heads, head_dim] (padded or not), or
+        [num_tokens, num_kv_heads, head_dim] with ``layer``; any device
+        """
+        ps, total = self.namespace.page_size, k.shape[-3]
+        for first, count, at in runs(pages):
+            n = min(count * ps, total - at * ps)
+            if n <= 0:
+                break
+            for pool, src in ((self.k, k), (self.v, v)):
+                if layer is None:
+                    dst = pool[:, first : first + count].flatten(1, 2)[:, :n]
+                else:
+                    dst = pool[layer, first : first + count].flatten(0, 1)[:n]
+                dst.copy_(src.narrow(-3, at * ps, n), non_blocking=True)
+
+    def read(
+        self, pages: list[int], num_tokens: int | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's K/V from ``pages`` into padded host copies (``out``, or new ones from
+        :meth:`host_buffers`), each layer by :func:`kvfuse.gather_pages` with ``out=``:
+        straight into the copy on the cpu, through one reused staging pair elsewhere.
+        Returns the copies, or their first ``num_tokens`` tokens (views).
+
+        out: two [num_layers, len(pages) * page_size, num_kv_heads, head_dim], the namespace's dtype
+        """
         import kvfuse
 
-        slots = self.slots(pages, k.shape[1])
-        for i in range(self.namespace.num_layers):
-            kvfuse.append_kv(k[i].to(self.device), v[i].to(self.device), self.k[i], self.v[i], slots)
-
-    def read(self, pages: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A chunk's K/V from ``pages`` as host tensors [num_layers, num_tokens, heads, head_dim]."""
-        import kvfuse
-
+        k_out, v_out = out if out is not None else self.host_buffers(len(pages))
+        ns = self.namespace
         ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
-        ks, vs = [], []
-        for i in range(self.namespace.num_layers):
-            kb, vb = kvfuse.gather_pages(self.k[i], self.v[i], ids)
-            ks.append(kb.flatten(0, 1)[:num_tokens].cpu())
-            vs.append(vb.flatten(0, 1)[:num_tokens].cpu())
-        return torch.stack(ks), torch.stack(vs)
+        shape = (len(pages), ns.page_size, ns.num_kv_heads, ns.head_dim)
+        for i in range(ns.num_layers):
+            into = (k_out[i].view(shape), v_out[i].view(shape))
+            if self.device.type != "cpu":
+                into = self._staging(len(pages))
+            kvfuse.gather_pages(self.k[i], self.v[i], ids, out=into)
+            if self.device.type != "cpu":
+                k_out[i].view(shape).copy_(into[0])
+                v_out[i].view(shape).copy_(into[1])
+        if num_tokens is None:
+            return k_out, v_out
+        return k_out[:, :num_tokens], v_out[:, :num_tokens]
+
+    def _staging(self, num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stage is None or self._stage[0].shape[0] < num_pages:
+            size = max(num_pages, 2 * (self._stage[0].shape[0] if self._stage else 0))
+            self._stage = (torch.empty_like(self.k[0, :size]), torch.empty_like(self.v[0, :size]))
+        return self._stage[0][:num_pages], self._stage[1][:num_pages]
+
+
+def runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """``pages`` as runs of consecutive pages: (first page, count, index of the first in
+    ``pages``); the index times the page size is the run's first token."""
+    out: list[tuple[int, int, int]] = []
+    for i, p in enumerate(pages):
+        if out and out[-1][0] + out[-1][1] == p:
+            first, count, at = out[-1]
+            out[-1] = (first, count + 1, at)
+        else:
+            out.append((p, 1, i))
+    return out

@@ -39,12 +39,22 @@ chunk stays in host memory, which may then exceed its budget by that one chunk (
 while the disk still refuses raises :class:`StoreError` from the OS error. Everything
 that needs no room keeps working, and the store recovers by itself when the disk does.
 A chunk is only ever dropped by eviction from the last tier.
+
+Promotion. Host or disk → device moves a chunk layer by layer on the store's mover threads
+(``_promote``): into runs of consecutive pages with one ``copy_`` each from the host tier,
+and with ``preadv`` straight into the pool's pages (a reused staging buffer off the cpu)
+from the disk, each layer's digest checked before the layer counts as moved. ``fetch``
+waits for the whole chunk unless it is given a :class:`Loading` (``store.loading()``),
+whose ``wait(layer)`` lets a request compute layer 0 while later layers still move. A
+chunk whose promotion fails is dropped (a miss from then on); its pages stay owned (by a
+"failed" entry in :meth:`audit`) until the request that was promoting it lets go.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -53,11 +63,14 @@ from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from concurrent.futures import ThreadPoolExecutor
+
 from kvfuse._errors import StoreError
 from kvfuse.store._auth import load_mac_key
-from kvfuse.store._disk import DiskTier, check_key
+from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of, check_key
 from kvfuse.store._keys import Namespace
-from kvfuse.store._pool import KVPool
+from kvfuse.store._pool import KVPool, runs
+from kvfuse.store._promote import Loading, Promotion
 from kvfuse.store._remote import RemoteTier
 
 TIERS = ("device", "host", "disk", "remote")
@@ -102,7 +115,8 @@ class _Entry:
     nbytes: int
     tier: str
     pages: list[int] | None = None
-    host: tuple[torch.Tensor, torch.Tensor] | None = None
+    host: tuple[torch.Tensor, torch.Tensor] | None = None  # padded (KVPool.host_buffers)
+    promotion: Promotion | None = None  # moving into ``pages``; cleared by _reap once done
     holders: collections.Counter[Hashable] = field(default_factory=collections.Counter)
 
     @property
@@ -153,15 +167,20 @@ class TieredStore:
         self._lock = threading.RLock()
         self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
+        self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
+        self._movers: ThreadPoolExecutor | None = None
+        self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
         if self.disk is not None:  # rebuild the index from disk
             for e in self.disk.scan():
                 self._entries[e.key] = _Entry(e.key, e.num_tokens, e.nbytes, "disk")
+        self._disk_seen = (self.disk.rejected, self.disk.errors) if self.disk is not None else (0, 0)
 
     # -- queries -------------------------------------------------------------------------
 
     def tier(self, key: str) -> str | None:
         """Where the chunk is now (None if not stored); does not touch the LRU order."""
         with self._lock:
+            self._reap()
             e = self._entries.get(key)
             if e is not None:
                 return e.tier
@@ -186,7 +205,10 @@ class TieredStore:
         """Who owns each page: ``{"free": [...], "lent": [...], <key>: [...] for chunks on
         the device}``. Raises :class:`StoreError` if a page has no owner or two."""
         with self._lock:
+            self._reap()
             owners: dict[str, list[int]] = {"free": self.pool.free_list(), "lent": sorted(self._lent)}
+            for e in self._failed:
+                owners[f"failed:{e.key}:{id(e)}"] = list(e.pages or [])
             for e in self._entries.values():
                 if e.tier == "device":
                     if not e.pages and e.num_tokens:
@@ -224,11 +246,23 @@ class TieredStore:
 
     # -- the main calls --------------------------------------------------------------------
 
-    def fetch(self, key: str, *, holder: Hashable | None = None) -> list[int] | None:
-        """The chunk's pages in the device pool (promoted there if needed), or None on a
-        miss. With ``holder``, the chunk is pinned for that holder in the same step."""
+    def loading(self) -> Loading:
+        """A handle for :meth:`fetch` calls whose promotions a request waits for layer by
+        layer (``wait(layer)``) instead of whole (see the module docstring)."""
         with self._lock:
-            e = self._entries.get(key)
+            if self._movers is None:
+                self._movers = ThreadPoolExecutor(2, thread_name_prefix="kvfuse-mover")
+            return Loading(self._movers, self.namespace.num_layers)
+
+    def fetch(self, key: str, *, holder: Hashable | None = None, loading: Loading | None = None) -> list[int] | None:
+        """The chunk's pages in the device pool (promoted there if needed), or None on a
+        miss. With ``holder``, the chunk is pinned for that holder in the same step. With
+        ``loading`` (and a holder), a promotion is only started: wait on ``loading``
+        before reading a layer."""
+        if loading is not None and holder is None:
+            raise StoreError("fetch with a loading needs a holder: the pages must stay pinned while they fill")
+        with self._lock:
+            e = self._settled(key, loading)
             if e is None and self.disk is not None and self.disk.exists(key):
                 e = _Entry(key, 0, 0, "disk")  # written by another process
                 self._entries[key] = e
@@ -239,32 +273,122 @@ class TieredStore:
                 self.stats.hits["device"] += 1
                 self._entries.move_to_end(key)
                 pages = e.pages
+                if e.promotion is not None and loading is not None:  # still moving: wait for it too
+                    loading.add(e.promotion)
             else:
-                pages = self._promote(e)
+                pages = self._promote(e, loading)
             if pages is not None and holder is not None:
                 self._entries[key].holders[holder] += 1
             return None if pages is None else list(pages)
 
-    def _promote(self, e: _Entry) -> list[int] | None:
-        """Host or disk → device; on failure the chunk stays where it was."""
+    def _promote(self, e: _Entry, loading: Loading | None) -> list[int] | None:
+        """Host or disk → device; on failure to get pages the chunk stays where it was."""
+        reader: ChunkReader | None = None
         if e.tier == "host":
             assert e.host is not None
-            k, v = e.host
-            source = "host->device"
+            num_tokens, source = e.num_tokens, "host"
         else:
             assert self.disk is not None
-            loaded = self._disk_read(e.key)
-            if loaded is None:  # corrupt, forged or vanished: a miss, never wrong KV
+            reader = self.disk.open(e.key)
+            self._sync_disk_counters()
+            if reader is None:  # corrupt, forged or vanished: a miss, never wrong KV
                 if self._entries.get(e.key) is e and not e.holders:
                     del self._entries[e.key]
                 self.stats.misses += 1
                 return None
-            k, v = loaded
-            source = "disk->device"
-        pages = self._to_device(e, k, v)
-        self.stats.hits[source.split("->")[0]] += 1
-        self.stats.bytes_moved[source] += 2 * k.numel() * k.element_size()
-        return pages
+            num_tokens, source = reader.num_tokens, "disk"
+        try:
+            pages = self._alloc_for(e, self.pool.pages_for(num_tokens))
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
+        if reader is not None:
+            move = functools.partial(self._move_from_disk, reader, pages)
+            finish = reader.close
+        else:
+            assert e.host is not None
+            move = functools.partial(self._move_from_host, pages, *e.host)
+            finish = _nothing
+        e.promotion = Promotion(e.key, self.namespace.num_layers, move, finish, source)
+        e.tier, e.pages, e.host = "device", pages, None
+        e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
+        self._entries.move_to_end(e.key)
+        if loading is not None:
+            loading.add(e.promotion)
+            return pages
+        now = self.loading()
+        now.add(e.promotion)
+        now.start()
+        return pages if self._settled(e.key, None) is e else None  # counted (hit or miss) there
+
+    def _move_from_host(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, i: int) -> None:
+        self.pool.write(pages, k[i], v[i], layer=i)
+
+    def _move_from_disk(self, reader: ChunkReader, pages: list[int], i: int) -> None:
+        """Layer ``i`` of a disk chunk: read and verified straight in the pool's pages (cpu)
+        or in this thread's staging pair, then copied to them."""
+        assert self.disk is not None
+        ps, n, ns = self.namespace.page_size, reader.num_tokens, self.namespace
+        try:
+            if self.pool.device.type == "cpu":
+                k_into, v_into = [], []
+                for first, count, at in runs(pages):
+                    rows = min(count * ps, n - at * ps)
+                    k_into.append(bytes_of(self.pool.k[i, first : first + count].flatten(0, 1)[:rows]))
+                    v_into.append(bytes_of(self.pool.v[i, first : first + count].flatten(0, 1)[:rows]))
+                reader.read_layer(i, k_into, v_into)
+                return
+            stage = getattr(self._stage, "pair", None)
+            if stage is None or stage.shape[1] < n:
+                shape = (2, max(n, 1024), ns.num_kv_heads, ns.head_dim)
+                stage = self._stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
+            reader.read_layer(i, [bytes_of(stage[0, :n])], [bytes_of(stage[1, :n])])
+        except ChunkRejected:
+            self.disk.reject(reader.key)
+            raise
+        except OSError:
+            self.disk.errors += 1
+            raise
+        self.pool.write(pages, stage[0, :n], stage[1, :n], layer=i)
+        torch.cuda.synchronize(self.pool.device)  # the stage is reused by this thread's next layer
+
+    def _settled(self, key: str, loading: Loading | None) -> _Entry | None:
+        """The chunk's entry once any promotion of it that this call cannot join is over
+        (a failed one dropped: None)."""
+        e = self._entries.get(key)
+        p = e.promotion if e is not None else None
+        if p is not None and (loading is None or p.error is not None):
+            p.wait_finished()
+            self._reap()
+            e = self._entries.get(key)
+        return e
+
+    def _reap(self) -> None:
+        """Settle finished promotions: a failed chunk leaves the index (its pages stay with
+        its holders until they let go); free the pages of failed chunks nobody holds."""
+        for e in [e for e in self._entries.values() if e.promotion is not None and e.promotion.finished]:
+            p, e.promotion = e.promotion, None
+            assert p is not None
+            if p.error is None:
+                self.stats.hits[p.source] += 1
+                self.stats.bytes_moved[f"{p.source}->device"] += e.nbytes
+            else:
+                del self._entries[e.key]
+                self.stats.misses += 1
+                self._failed.append(e)
+        self._sync_disk_counters()
+        for e in [e for e in self._failed if not e.holders]:
+            self._failed.remove(e)
+            self.pool.release(e.pages or [])
+
+    def _sync_disk_counters(self) -> None:
+        """Add the disk tier's new rejections and read errors (counted by the movers too)."""
+        if self.disk is not None:
+            rejected, errors = self.disk.rejected, self.disk.errors
+            self.stats.rejected += rejected - self._disk_seen[0]
+            self.stats.disk_errors += errors - self._disk_seen[1]
+            self._disk_seen = (rejected, errors)
 
     def _fetch_remote(self, key: str) -> list[int] | None:
         """A local miss: look in the remote tier before the caller recomputes."""
@@ -313,7 +437,7 @@ class TieredStore:
             )
         with self._lock:
             self.stats.puts += 1
-            e = self._entries.get(key)
+            e = self._settled(key, None)
             if e is not None and e.tier == "device":
                 self._entries.move_to_end(key)
                 return list(e.pages or [])
@@ -341,7 +465,7 @@ class TieredStore:
             if len(pages) != need or any(p not in self._lent for p in pages) or len(set(pages)) != need:
                 raise StoreError(f"commit of {key}: expected {need} distinct lent pages, got {pages}")
             self.stats.puts += 1
-            e = self._entries.get(key)
+            e = self._settled(key, None)
             if e is not None and e.tier == "device":
                 self.stats.duplicate_commits += 1
                 self.release(pages)
@@ -371,12 +495,16 @@ class TieredStore:
     def unhold(self, key: str, holder: Hashable = USER) -> None:
         """Release one of ``holder``'s pins of the chunk; raises if the holder holds none."""
         with self._lock:
+            self._reap()
             e = self._entries.get(key)
-            if e is None or e.holders[holder] <= 0:
+            if e is None or e.holders[holder] <= 0:  # or a failed promotion's chunk it held
+                e = next((f for f in self._failed if f.key == key and f.holders[holder] > 0), None)
+            if e is None:
                 raise StoreError(f"unhold of {key}: {holder!r} holds no pin on it")
             e.holders[holder] -= 1
             if not e.holders[holder]:
                 del e.holders[holder]
+            self._reap()
 
     @contextlib.contextmanager
     def pin(self, keys: Iterable[str]) -> Iterator[None]:
@@ -400,6 +528,7 @@ class TieredStore:
         return 2 * ns.num_layers * num_tokens * ns.num_kv_heads * ns.head_dim * self.namespace.torch_dtype.itemsize
 
     def _alloc(self, need: int) -> list[int]:
+        self._reap()
         pages = self.pool.alloc(need)
         while pages is None:
             if need > self.pool.num_pages:
@@ -411,12 +540,7 @@ class TieredStore:
     def _to_device(self, e: _Entry, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """Write (k, v) into new pages and make them ``e``'s device copy. ``e`` is pinned
         while room is made, so it is never its own victim; on failure nothing changed."""
-        e.holders[_PLACING] += 1
-        try:
-            pages = self._alloc(self.pool.pages_for(k.shape[1]))
-        finally:
-            e.holders[_PLACING] -= 1
-            del e.holders[_PLACING]
+        pages = self._alloc_for(e, self.pool.pages_for(k.shape[1]))
         try:
             self.pool.write(pages, k, v)
         except Exception as exc:
@@ -427,8 +551,18 @@ class TieredStore:
         self._entries.move_to_end(e.key)
         return list(pages)
 
+    def _alloc_for(self, e: _Entry, need: int) -> list[int]:
+        """``need`` pages for ``e``, which is pinned meanwhile so it is never its own victim."""
+        e.holders[_PLACING] += 1
+        try:
+            return self._alloc(need)
+        finally:
+            e.holders[_PLACING] -= 1
+            del e.holders[_PLACING]
+
     def _victim(self, tier: str) -> _Entry | None:
-        return next((e for e in self._entries.values() if e.tier == tier and e.pins == 0), None)
+        """The least recently used chunk of ``tier`` that nobody pins and nothing moves."""
+        return next((e for e in self._entries.values() if e.tier == tier and not e.pins and e.promotion is None), None)
 
     def _demote_one_device(self) -> None:
         e = self._victim("device")
@@ -436,7 +570,7 @@ class TieredStore:
             raise StoreError(f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned")
         self._trim_host(room=e.nbytes)  # raises if the disk refuses: e stays on the device
         try:
-            k, v = self.pool.read(e.pages, e.num_tokens)
+            k, v = self.pool.read(e.pages)
         except Exception as exc:
             raise StoreError(f"demoting chunk {e.key} to host memory failed: {exc}") from exc
         self.pool.release(e.pages)
@@ -461,7 +595,7 @@ class TieredStore:
                 self.stats.demotions["host->drop"] += 1
                 continue
             try:
-                nbytes = self.disk.write(e.key, *e.host)
+                nbytes = self.disk.write(e.key, e.host[0][:, : e.num_tokens], e.host[1][:, : e.num_tokens])
             except StoreError:
                 self.stats.disk_errors += 1
                 raise
@@ -480,13 +614,9 @@ class TieredStore:
             del self._entries[e.key]
             self.stats.demotions["disk->drop"] += 1
 
-    def _disk_read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        assert self.disk is not None
-        before = (self.disk.rejected, self.disk.errors)
-        loaded = self.disk.read(key)
-        self.stats.rejected += self.disk.rejected - before[0]
-        self.stats.disk_errors += self.disk.errors - before[1]
-        return loaded
+
+def _nothing() -> None:
+    pass
 
 
 _pin_ids = itertools.count()

@@ -1,0 +1,123 @@
+"""Promotion layer by layer: exact bytes from the host and disk tiers into scattered pages,
+a layer ready before the chunk is whole, and a corrupt layer that fails only what it must."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from kvfuse import StoreError
+from kvfuse.store import KVPool, Namespace, TieredStore, plan
+
+NS = Namespace(model_id="tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
+
+
+def _kv(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = NS.chunk_shape(tokens)
+    return torch.randn(shape, generator=g).to(torch.bfloat16), torch.randn(shape, generator=g).to(torch.bfloat16)
+
+
+def _layer(store: TieredStore, pages: list[int], layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(pages)
+    return tuple(pool[layer][ids].flatten(0, 1)[:n] for pool in (store.pool.k, store.pool.v))  # type: ignore[return-value]
+
+
+def _equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+
+
+def _scattered_store(tmp_path: Path, tier: str) -> tuple[TieredStore, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Chunks a, b (10 tokens) on ``tier``; the pool's free pages interleaved with pinned
+    chunk c's, so a promoted chunk lands on runs of pages, not one block."""
+    host = 1 << 20 if tier == "host" else 0
+    store = TieredStore(NS, KVPool(NS, 12), host_bytes=host, disk_dir=tmp_path)
+    kv = {key: _kv(i) for i, key in enumerate("abcd")}
+    for key in "ab":
+        store.put(key, *kv[key])
+    store.put(
+        "c",
+        *kv["c"],
+    )
+    store.hold("c")
+    store.put("d", *kv["d"])  # the pool is full: a goes down
+    store.put("x", *_kv(9, 12))  # b goes down; x takes a's pages (3) and b's
+    store.put("y", *_kv(8, 4))
+    assert store.tier("a") == tier and store.tier("b") == tier
+    return store, kv
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, tier: str) -> None:
+    store, kv = _scattered_store(tmp_path, tier)
+    loading = store.loading()
+    with plan(store, [[1] * 10, [2] * 10], 0, keys=["a", "b"], loading=loading) as p:
+        assert p.hits == [0, 1] and len(loading.promotions) == 2
+        for layer in range(NS.num_layers):
+            loading.wait(layer)
+            for key, pages in zip("ab", p.pages):
+                assert _equal(_layer(store, pages, layer, 10), (kv[key][0][layer], kv[key][1][layer]))
+        store.audit()
+    assert store.tier("a") == "device" and store.stats.hits[tier] == 2
+    assert store.stats.bytes_moved[f"{tier}->device"] == 2 * store._nbytes(10)
+
+
+def _corrupt_layer(path: Path, layer: int) -> None:
+    """Flip one byte of ``layer``'s V in a chunk file (its header stays valid)."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[8:16])
+    meta = json.loads(data[16 : 16 + length])
+    per = meta["payload_bytes"] // (2 * meta["shape"][0])
+    at = 16 + length + 32 + (2 * layer + 1) * per + 5
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path) -> None:
+    store, kv = _scattered_store(tmp_path, "disk")
+    _corrupt_layer(tmp_path / "a.kv", 2)
+    loading = store.loading()
+    with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
+        for layer in (0, 1):
+            loading.wait(layer)  # verified before they count as moved
+            assert _equal(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
+        with pytest.raises(StoreError, match="layer 2 failed: payload checksum mismatch in layer 2"):
+            loading.wait(2)
+        try:  # layer 3 may have been moved (and verified) by the other mover meanwhile
+            loading.wait(3)
+            assert _equal(_layer(store, p.pages[0], 3, 10), (kv["a"][0][3], kv["a"][1][3]))
+        except StoreError as exc:
+            assert "layer 2 failed" in str(exc)
+        with pytest.raises(StoreError):
+            loading.wait_all()
+        assert store.tier("a") is None  # dropped: the next request recomputes it
+        owners = store.audit()
+        assert [v for k, v in owners.items() if k.startswith("failed:a")] == [p.pages[0]]  # still ours
+    owners = store.audit()  # given back when the request let go
+    assert not any(k.startswith("failed:") for k in owners) and set(p.pages[0]) <= set(owners["free"])
+    assert store.stats.rejected == 1 and list((tmp_path / "quarantine").glob("a.kv.*"))
+    assert store.fetch("a") is None  # a miss, not wrong KV
+    # the chunk computed again is stored and served again
+    store.put("a", *kv["a"])
+    assert store.tier("a") == "device"
+
+
+def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None:
+    store, kv = _scattered_store(tmp_path, "disk")
+    pages = store.fetch("b")
+    assert pages is not None
+    for layer in range(NS.num_layers):
+        assert _equal(_layer(store, pages, layer, 10), (kv["b"][0][layer], kv["b"][1][layer]))
+    _corrupt_layer(tmp_path / "a.kv", 3)
+    assert store.fetch("a") is None and store.tier("a") is None  # checked to the last layer
+    store.audit()
+
+
+def test_a_loading_needs_a_holder(tmp_path: Path) -> None:
+    store, _ = _scattered_store(tmp_path, "host")
+    with pytest.raises(StoreError, match="needs a holder"):
+        store.fetch("a", loading=store.loading())
+    assert store.tier("a") == "host"
