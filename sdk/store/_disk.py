@@ -403,7 +403,7 @@ class DiskTier:
 
 def bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of contiguous ``t`` on the cpu, writable in place."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _alive(pid: int) -> bool:

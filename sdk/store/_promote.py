@@ -10,8 +10,9 @@ layer, two layers at a time (one thread reads or hashes while the other does).
 A layer is ready only once it is in the pool and, when it came from the disk, its digest
 matched. A layer that fails fails its promotion: layers not started yet are not moved
 (the other mover may finish the one it has), and ``wait`` on any layer that was not
-moved raises :class:`StoreError` — it never returns with wrong KV. The store then drops the chunk (a miss for the next request; its pages
-come back when the failed request lets go of them).
+moved raises :class:`StoreError` — it never returns with wrong KV. The store then drops
+the chunk (a miss for the next request; its pages come back when the failed request lets
+go of them).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Promotion:
             try:
                 self._move(i)
                 moved = True
-            except Exception as exc:  # noqa: BLE001 - any failure of a move is the promotion's
+            except Exception as exc:
                 with self._cond:
                     if self.error is None:
                         self.error = StoreError(f"promoting chunk {self.key}: layer {i} failed: {exc}")

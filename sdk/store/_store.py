@@ -60,11 +60,10 @@ import os
 import threading
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from concurrent.futures import ThreadPoolExecutor
-
 from kvfuse._errors import StoreError
 from kvfuse.store._auth import load_mac_key
 from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of, check_key
