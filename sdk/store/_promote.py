@@ -24,21 +24,34 @@ from concurrent.futures import ThreadPoolExecutor
 from kvfuse._errors import StoreError
 
 
+def host_steps(num_layers: int) -> list[range]:
+    """Layers per step of a move from host memory: 1, 1, 2, 4, 8, ... — layer 0 as soon
+    as possible, then fewer, larger copies (one ``copy_`` per run of pages covers a step)."""
+    steps, at, size = [], 0, 1
+    while at < num_layers:
+        steps.append(range(at, min(num_layers, at + size)))
+        at += size
+        size = size if len(steps) == 1 else 2 * size
+    return steps
+
+
 class Promotion:
-    """One chunk's layers moving into its pages; ``move(i)`` copies layer ``i``."""
+    """One chunk's layers moving into its pages, in ``steps`` (ranges of layers);
+    ``move(step)`` copies one step's layers."""
 
     def __init__(
-        self, key: str, num_layers: int, move: Callable[[int], None], finish: Callable[[], None], source: str
+        self, key: str, steps: list[range], move: Callable[[range], None], finish: Callable[[], None], source: str
     ) -> None:
-        self.key, self.source = key, source
+        self.key, self.source, self.steps = key, source, steps
         self._move, self._finish = move, finish
-        self._moved = [False] * num_layers
-        self._done = [False] * num_layers
-        self._left = num_layers
+        self._step_of = [i for i, r in enumerate(steps) for _ in r]
+        self._moved = [False] * len(steps)
+        self._done = [False] * len(steps)
+        self._left = len(steps)
         self._cond = threading.Condition()
         self.error: StoreError | None = None
         self.started = False
-        if not num_layers:
+        if not steps:
             finish()
 
     @property
@@ -46,17 +59,18 @@ class Promotion:
         with self._cond:
             return self._left == 0
 
-    def run_layer(self, i: int) -> None:
-        """Move layer ``i`` (on a mover thread); a failure fails the whole promotion."""
+    def run_step(self, i: int) -> None:
+        """Move step ``i`` (on a mover thread); a failure fails the whole promotion."""
         moved = False
         if self.error is None:
             try:
-                self._move(i)
+                self._move(self.steps[i])
                 moved = True
             except Exception as exc:
                 with self._cond:
                     if self.error is None:
-                        self.error = StoreError(f"promoting chunk {self.key}: layer {i} failed: {exc}")
+                        layer = self.steps[i].start if len(self.steps[i]) == 1 else self.steps[i]
+                        self.error = StoreError(f"promoting chunk {self.key}: layer {layer} failed: {exc}")
                         self.error.__cause__ = exc
         with self._cond:
             self._moved[i], self._done[i] = moved, True
@@ -66,8 +80,9 @@ class Promotion:
         if last:
             self._finish()
 
-    def wait(self, i: int) -> None:
-        """Return once layer ``i`` is in the pool; StoreError if it will never be."""
+    def wait(self, layer: int) -> None:
+        """Return once ``layer`` is in the pool; StoreError if it will never be."""
+        i = self._step_of[layer]
         with self._cond:
             self._cond.wait_for(lambda: self._done[i])
             if not self._moved[i]:
@@ -75,7 +90,7 @@ class Promotion:
                 raise self.error
 
     def wait_finished(self) -> StoreError | None:
-        """Wait until every layer is done; the promotion's error, if it failed."""
+        """Wait until every step is done; the promotion's error, if it failed."""
         with self._cond:
             self._cond.wait_for(lambda: self._left == 0)
             return self.error
@@ -84,22 +99,22 @@ class Promotion:
 class Loading:
     """The promotions one request waits for, layer by layer (see the module docstring)."""
 
-    def __init__(self, movers: ThreadPoolExecutor, num_layers: int) -> None:
-        self._movers, self.num_layers = movers, num_layers
+    def __init__(self, movers: ThreadPoolExecutor) -> None:
+        self._movers = movers
         self.promotions: list[Promotion] = []
 
     def add(self, p: Promotion) -> None:
         self.promotions.append(p)
 
     def start(self) -> None:
-        """Queue the layers of every promotion not queued yet: layer-major, so layer 0 of
+        """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
         every chunk is ready first."""
         new = [p for p in self.promotions if not p.started]
         for p in new:
             p.started = True
-        if new:
-            for i in range(self.num_layers):
-                self._movers.submit(_run_layer, new, i)
+        tasks = sorted((r.start, n, i) for n, p in enumerate(new) for i, r in enumerate(p.steps))
+        for _, n, i in tasks:
+            self._movers.submit(new[n].run_step, i)
 
     def wait(self, layer: int) -> None:
         """Before a layer's attention: every chunk's ``layer`` is in the pool, or StoreError."""
@@ -114,8 +129,3 @@ class Loading:
             error = p.wait_finished()
             if error is not None:
                 raise error
-
-
-def _run_layer(promotions: list[Promotion], i: int) -> None:
-    for p in promotions:
-        p.run_layer(i)

@@ -64,12 +64,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from kvfuse._errors import StoreError
+from kvfuse._errors import InvalidValueError, StoreError
 from kvfuse.store._auth import load_mac_key
 from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of, check_key
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import KVPool, runs
-from kvfuse.store._promote import Loading, Promotion
+from kvfuse.store._promote import Loading, Promotion, host_steps
 from kvfuse.store._remote import RemoteTier
 
 TIERS = ("device", "host", "disk", "remote")
@@ -167,6 +167,8 @@ class TieredStore:
         self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
         self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
+        self._returned: list[tuple[torch.Tensor, torch.Tensor]] = []  # host copies given up (any thread)
+        self._spare: list[tuple[torch.Tensor, torch.Tensor]] = []  # of them, kept for reuse
         self._movers: ThreadPoolExecutor | None = None
         self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
         if self.disk is not None:  # rebuild the index from disk
@@ -251,7 +253,7 @@ class TieredStore:
         with self._lock:
             if self._movers is None:
                 self._movers = ThreadPoolExecutor(2, thread_name_prefix="kvfuse-mover")
-            return Loading(self._movers, self.namespace.num_layers)
+            return Loading(self._movers)
 
     def fetch(self, key: str, *, holder: Hashable | None = None, loading: Loading | None = None) -> list[int] | None:
         """The chunk's pages in the device pool (promoted there if needed), or None on a
@@ -302,14 +304,23 @@ class TieredStore:
             if reader is not None:
                 reader.close()
             raise
-        if reader is not None:
+        if reader is None and loading is None:  # whole, here: every layer in one copy_ per run
+            assert e.host is not None
+            host = e.host
+            placed = self._place(e, pages, *host, num_tokens, "host->device")
+            self._returned.append(host)
+            return placed
+        num_layers = self.namespace.num_layers
+        if reader is not None:  # a layer a step: the two movers read and hash two at once
+            steps = [range(i, i + 1) for i in range(num_layers)]
             move = functools.partial(self._move_from_disk, reader, pages)
             finish = reader.close
         else:
             assert e.host is not None
+            steps = host_steps(num_layers)
             move = functools.partial(self._move_from_host, pages, *e.host)
-            finish = _nothing
-        e.promotion = Promotion(e.key, self.namespace.num_layers, move, finish, source)
+            finish = functools.partial(self._returned.append, e.host)  # list.append: safe off the lock
+        e.promotion = Promotion(e.key, steps, move, finish, source)
         e.tier, e.pages, e.host = "device", pages, None
         e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
         self._entries.move_to_end(e.key)
@@ -321,14 +332,14 @@ class TieredStore:
         now.start()
         return pages if self._settled(e.key, None) is e else None  # counted (hit or miss) there
 
-    def _move_from_host(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, i: int) -> None:
-        self.pool.write(pages, k[i], v[i], layer=i)
+    def _move_from_host(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range) -> None:
+        self.pool.write(pages, k[layers.start : layers.stop], v[layers.start : layers.stop], layers)
 
-    def _move_from_disk(self, reader: ChunkReader, pages: list[int], i: int) -> None:
+    def _move_from_disk(self, reader: ChunkReader, pages: list[int], layers: range) -> None:
         """Layer ``i`` of a disk chunk: read and verified straight in the pool's pages (cpu)
         or in this thread's staging pair, then copied to them."""
         assert self.disk is not None
-        ps, n, ns = self.namespace.page_size, reader.num_tokens, self.namespace
+        ps, n, ns, i = self.namespace.page_size, reader.num_tokens, self.namespace, layers.start
         try:
             if self.pool.device.type == "cpu":
                 k_into, v_into = [], []
@@ -349,7 +360,7 @@ class TieredStore:
         except OSError:
             self.disk.errors += 1
             raise
-        self.pool.write(pages, stage[0, :n], stage[1, :n], layer=i)
+        self.pool.write(pages, stage[0:1, :n], stage[1:2, :n], layers)
         torch.cuda.synchronize(self.pool.device)  # the stage is reused by this thread's next layer
 
     def _settled(self, key: str, loading: Loading | None) -> _Entry | None:
@@ -473,6 +484,8 @@ class TieredStore:
                 self._lent.difference_update(pages)
                 if e is None:
                     e = self._entries[key] = _Entry(key, num_tokens, self._nbytes(num_tokens), "device")
+                if e.host is not None:
+                    self._returned.append(e.host)
                 e.tier, e.pages, e.host = "device", list(pages), None
                 kept = list(pages)
                 if self.remote is not None and self.remote.up:  # publish for other machines
@@ -539,16 +552,45 @@ class TieredStore:
     def _to_device(self, e: _Entry, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """Write (k, v) into new pages and make them ``e``'s device copy. ``e`` is pinned
         while room is made, so it is never its own victim; on failure nothing changed."""
-        pages = self._alloc_for(e, self.pool.pages_for(k.shape[1]))
+        return self._place(e, self._alloc_for(e, self.pool.pages_for(k.shape[1])), k, v, k.shape[1])
+
+    def _place(
+        self, e: _Entry, pages: list[int], k: torch.Tensor, v: torch.Tensor, num_tokens: int, source: str = ""
+    ) -> list[int]:
+        """Write (k, v) (``num_tokens`` tokens, maybe padded) into ``pages`` and make them
+        ``e``'s device copy, counted as a hit of ``source``; on failure the pages go back
+        and ``e`` is unchanged."""
         try:
             self.pool.write(pages, k, v)
         except Exception as exc:
             self.pool.release(pages)
             raise StoreError(f"writing chunk {e.key} into the device pool failed: {exc}") from exc
         e.tier, e.pages, e.host = "device", pages, None
-        e.num_tokens, e.nbytes = k.shape[1], self._nbytes(k.shape[1])
+        e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
         self._entries.move_to_end(e.key)
+        if source:
+            self.stats.hits[source.split("->")[0]] += 1
+            self.stats.bytes_moved[source] += e.nbytes
         return list(pages)
+
+    def _host_copy(self, num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded host buffers for ``num_pages`` pages: the smallest spare that fits (views
+        of it), else new ones. Copies the host tier gave up come back as spares while the
+        tier's memory (chunks and spares) stays within ``host_bytes``: demotion then writes
+        into memory already mapped, and promotion frees nothing."""
+        room = self.host_bytes - self.used("host") - sum(_bytes_of_pair(s) for s in self._spare)
+        while self._returned:
+            pair = tuple(t if t._base is None else t._base for t in self._returned.pop())
+            if _bytes_of_pair(pair) <= room:  # type: ignore[arg-type]
+                self._spare.append(pair)  # type: ignore[arg-type]
+                room -= _bytes_of_pair(pair)  # type: ignore[arg-type]
+        rows = num_pages * self.namespace.page_size
+        fits = [s for s in self._spare if s[0].shape[1] >= rows]
+        if not fits:
+            return self.pool.host_buffers(num_pages)
+        best = min(fits, key=lambda s: s[0].shape[1])
+        self._spare.remove(best)
+        return best[0][:, :rows], best[1][:, :rows]
 
     def _alloc_for(self, e: _Entry, need: int) -> list[int]:
         """``need`` pages for ``e``, which is pinned meanwhile so it is never its own victim."""
@@ -563,13 +605,35 @@ class TieredStore:
         """The least recently used chunk of ``tier`` that nobody pins and nothing moves."""
         return next((e for e in self._entries.values() if e.tier == tier and not e.pins and e.promotion is None), None)
 
+    def demote(self, key: str, to: str = "host") -> None:
+        """Move a chunk down to the ``to`` tier ("host" or "disk") now, as eviction would:
+        e.g. to keep the device pool for other work, or to stage a benchmark. A chunk
+        already there or lower stays; a pinned one raises :class:`StoreError`."""
+        if to not in ("host", "disk") or (to == "disk" and self.disk is None):
+            raise InvalidValueError("to", '"host", or "disk" for a store with a disk tier', to)
+        with self._lock:
+            self._reap()
+            e = self._entries.get(key)
+            if e is None:
+                raise StoreError(f"demote of {key}: not stored")
+            if e.pins or e.promotion is not None:
+                raise StoreError(f"demote of {key}: pinned or moving ({dict(e.holders)})")
+            if e.tier == "device":
+                self._demote_device(e)
+            if to == "disk" and e.tier == "host":
+                self._host_to_disk(e)
+
     def _demote_one_device(self) -> None:
         e = self._victim("device")
         if e is None or e.pages is None:
             raise StoreError(f"device pool full: {self.pool.num_pages} pages, {len(self._lent)} lent, the rest pinned")
+        self._demote_device(e)
+
+    def _demote_device(self, e: _Entry) -> None:
+        assert e.pages is not None
         self._trim_host(room=e.nbytes)  # raises if the disk refuses: e stays on the device
         try:
-            k, v = self.pool.read(e.pages)
+            k, v = self.pool.read(e.pages, out=self._host_copy(len(e.pages)))
         except Exception as exc:
             raise StoreError(f"demoting chunk {e.key} to host memory failed: {exc}") from exc
         self.pool.release(e.pages)
@@ -591,17 +655,25 @@ class TieredStore:
             assert e.host is not None
             if self.disk is None:
                 del self._entries[e.key]
+                self._returned.append(e.host)
                 self.stats.demotions["host->drop"] += 1
                 continue
-            try:
-                nbytes = self.disk.write(e.key, e.host[0][:, : e.num_tokens], e.host[1][:, : e.num_tokens])
-            except StoreError:
-                self.stats.disk_errors += 1
-                raise
-            e.nbytes, e.tier, e.host = nbytes, "disk", None
-            self.stats.demotions["host->disk"] += 1
-            self.stats.bytes_moved["host->disk"] += e.nbytes
-            self._trim_disk()
+            self._host_to_disk(e)
+
+    def _host_to_disk(self, e: _Entry) -> None:
+        """Write a host chunk's file and drop its host copy; StoreError (and no change) if
+        the disk refuses."""
+        assert self.disk is not None and e.host is not None
+        try:
+            nbytes = self.disk.write(e.key, e.host[0][:, : e.num_tokens], e.host[1][:, : e.num_tokens])
+        except StoreError:
+            self.stats.disk_errors += 1
+            raise
+        self._returned.append(e.host)
+        e.nbytes, e.tier, e.host = nbytes, "disk", None
+        self.stats.demotions["host->disk"] += 1
+        self.stats.bytes_moved["host->disk"] += e.nbytes
+        self._trim_disk()
 
     def _trim_disk(self) -> None:
         assert self.disk is not None
@@ -614,8 +686,8 @@ class TieredStore:
             self.stats.demotions["disk->drop"] += 1
 
 
-def _nothing() -> None:
-    pass
+def _bytes_of_pair(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in pair)
 
 
 _pin_ids = itertools.count()

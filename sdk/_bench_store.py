@@ -1,0 +1,204 @@
+"""``kvfuse bench store``: promotion of stored chunks into the device pool against the
+machine's limits, measured in the same run on the same bytes:
+
+- host → device against warm memcpy into an existing buffer (``fraction_of_memcpy``);
+- disk → device, page cache dropped for the chunk files (``posix_fadvise(DONTNEED)``,
+  which needs no root), against a cold sequential read of the same files into an existing
+  buffer (``fraction_of_cold_read``); and with the files in the page cache against a
+  cached read (``fraction_of_cached_read``). Each layer's digest is checked in the time.
+
+Each timed promotion is of every chunk (``fetch``); between runs the chunks are sent back
+down (``demote``), untimed. ``first_layer_s``: a layer-wise promotion (``Loading``) until
+layer 0 of every chunk is in the pool: when a request can start computing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "page_size": 16}  # SmolLM2-135M's KV
+
+
+def _timed(setup: Callable[[], object], fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of ``fn`` over ``repeat`` runs, ``setup`` (untimed) before each."""
+    times = []
+    for _ in range(repeat + 1):  # the first is a warm-up
+        setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def drop_cache(paths: list[Path]) -> bool:
+    """Evict ``paths`` from the page cache (fsync'ed files: clean pages); False where the OS
+    offers no way (then reads are warm and the result says so)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def _read_files(paths: list[Path], into: bytearray) -> None:
+    """Sequential read of each file into one existing buffer (the disk's limit)."""
+    view = memoryview(into)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            got = 0
+            while n := f.readinto(view[got:]):
+                got += n
+
+
+def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None) -> list[dict[str, Any]]:
+    from kvfuse.store import KVPool, Namespace, TieredStore
+
+    ns = Namespace(
+        model_id="bench-smollm2-shape",
+        num_layers=GEOMETRY["layers"],
+        num_kv_heads=GEOMETRY["kv_heads"],
+        head_dim=GEOMETRY["head_dim"],
+        dtype=dtype,
+        page_size=GEOMETRY["page_size"],
+    )
+    pages = chunks * -(-tokens // ns.page_size)
+    g = torch.Generator().manual_seed(0)
+    kv = [
+        tuple(torch.randn(ns.chunk_shape(tokens), generator=g).to(ns.torch_dtype) for _ in range(2))
+        for _ in range(chunks)
+    ]
+    keys = [f"bench-{i}" for i in range(chunks)]
+    nbytes = chunks * 2 * kv[0][0].numel() * kv[0][0].element_size()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=root, prefix="kvfuse-bench-store-") as tmp:
+        store = TieredStore(ns, KVPool(ns, pages), host_bytes=2 * nbytes, disk_dir=tmp, disk_bytes=4 * nbytes)
+        for key, (k, v) in zip(keys, kv):
+            store.put(key, k, v)
+        files = [Path(tmp) / f"{key}.kv" for key in keys]
+
+        def down(tier: str, cold: bool = False) -> Callable[[], None]:
+            def go() -> None:
+                for key in keys:
+                    if store.tier(key) == "device":
+                        store.demote(key, tier)
+                if cold:
+                    drop_cache(files)
+
+            return go
+
+        def fetch_all() -> None:
+            for key in keys:
+                assert store.fetch(key) is not None, f"{key} missed"
+
+        def layerwise() -> tuple[float, float]:
+            """A request's promotion (``Loading``): seconds to layer 0 and to the whole."""
+            loading = store.loading()
+            start = time.perf_counter()
+            for key in keys:
+                store.fetch(key, holder="bench", loading=loading)
+            loading.start()
+            loading.wait(0)
+            first = time.perf_counter() - start
+            loading.wait_all()
+            whole = time.perf_counter() - start
+            for key in keys:
+                store.unhold(key, "bench")
+            return first, whole
+
+        def layerwise_medians(setup: Callable[[], None]) -> tuple[float, float]:
+            runs = []
+            for _ in range(repeat):
+                setup()
+                runs.append(layerwise())
+            return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+        src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+        memcpy = _timed(lambda: None, lambda: dst.copy_(src), repeat)
+        host = _timed(down("host"), fetch_all, repeat)
+        host_first, host_layerwise = layerwise_medians(down("host"))
+        for name, secs, first in (("host->device", host, None), ("host->device/layerwise", host_layerwise, host_first)):
+            results.append(
+                {
+                    "case": f"{name}/{chunks}x{tokens}/{dtype}",
+                    "bytes": nbytes,
+                    "seconds": secs,
+                    "gbps": nbytes / secs / 1e9,
+                    "first_layer_s": first,
+                    "baseline": "warm memcpy",
+                    "baseline_seconds": memcpy,
+                    "fraction_of_memcpy": memcpy / secs,
+                }
+            )
+        down("disk")()
+        dropped = drop_cache(files)
+        buf = bytearray(sum(p.stat().st_size for p in files))
+        cold_read = _timed(lambda: drop_cache(files), lambda: _read_files(files, buf), repeat)
+        cold = _timed(down("disk", cold=True), fetch_all, repeat)
+        cold_first, cold_layerwise = layerwise_medians(down("disk", cold=True))
+        cached_read = _timed(lambda: None, lambda: _read_files(files, buf), repeat)
+        cached = _timed(down("disk"), fetch_all, repeat)
+        cold_case = ("cold sequential read", "fraction_of_cold_read")
+        for name, secs, first, base, (base_name, field) in (
+            ("disk->device/cold", cold, None, cold_read, cold_case),
+            ("disk->device/cold/layerwise", cold_layerwise, cold_first, cold_read, cold_case),
+            ("disk->device/cached", cached, None, cached_read, ("page-cache read", "fraction_of_cached_read")),
+        ):
+            results.append(
+                {
+                    "case": f"{name}/{chunks}x{tokens}/{dtype}",
+                    "bytes": len(buf),
+                    "seconds": secs,
+                    "gbps": len(buf) / secs / 1e9,
+                    "first_layer_s": first,
+                    "baseline": base_name,
+                    "baseline_seconds": base,
+                    field: base / secs,
+                    "cache_dropped": dropped if "cold" in name else None,
+                    "baseline_gbps": len(buf) / base / 1e9,
+                }
+            )
+        store.audit()
+    return results
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    rows = run_store(args.chunks, args.tokens, args.dtype, args.repeat, args.dir)
+    for r in rows:
+        frac = next(v for k, v in r.items() if k.startswith("fraction_of_"))
+        first = f", layer 0 after {r['first_layer_s'] * 1e3:.1f} ms" if r["first_layer_s"] is not None else ""
+        print(
+            f"{r['case']:34} {r['seconds'] * 1e3:8.1f} ms {r['gbps']:6.2f} GB/s = {100 * frac:5.1f}% of "
+            f"{r['baseline']} ({r['baseline_seconds'] * 1e3:.1f} ms){first}"
+        )
+        if r.get("cache_dropped") is False:
+            print("  (the page cache could not be dropped here: the 'cold' rows are warm)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "results": rows}, f, indent=2)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
+    p = bench_sub.add_parser("store", help="tier promotion vs warm memcpy and the disk's cold read")
+    p.add_argument("--chunks", type=int, default=8, help="chunks promoted per run (default 8: 4k tokens)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per chunk")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--dir", help="where the disk tier lives (default: the system's temporary directory)")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=_cmd)
