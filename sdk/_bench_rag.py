@@ -321,6 +321,11 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     p.add_argument("--questions", type=int, default=16, help="QA-set questions for the quality scores")
     p.add_argument("--docs", type=int, default=5, help="documents per QA question (the needed ones + distractors)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--tier",
+        metavar="T[,T...]",
+        help="only reuse TTFT with the stored chunks starting on each tier (device, host, disk), e.g. device,host,disk",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG: TTFT vs context and quality vs ratio (needs matplotlib)")

@@ -85,30 +85,103 @@ def quality(
     }
 
 
-def ttft_sweep(
-    model: Any, tok: Any, store: Any, contexts: list[int], ratios: list[float], max_new_tokens: int, seed: int
-) -> list[dict[str, Any]]:
-    """Per context length: TTFT and decode speed of HF and of each kvfuse mode."""
-    from kvfuse.rag import RagPipeline, qa_set
+def _question(rag: Any, n: int, limit: int, seed: int) -> Any:
+    """One QA question padded with distractor documents until its prompt has ``n`` tokens
+    (at most ``limit``)."""
+    from kvfuse.rag import qa_set
     from kvfuse.rag._qa import padded
 
-    rag = RagPipeline(model, tok, store=store)
     base = qa_set(1, seed=seed, docs=4)[0]
-    limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
 
     def length(q: Any) -> int:
         return len(rag.prompt(q.docs, q.question).ids)
 
     per_doc = max(1, length(base) // len(base.docs))
+    q, extra = base, 0
+    while (have := length(q)) < n:  # distractors until the prompt reaches n tokens
+        extra += max(1, (n - have) // per_doc)
+        q = padded(base, extra, seed=seed)
+    while extra > 0 and length(q) > limit:  # the model's longest prompt
+        extra -= 1
+        q = padded(base, extra, seed=seed)
+    return q
+
+
+def tier_sweep(
+    model: Any, tok: Any, contexts: list[int], tiers: list[str], max_new_tokens: int, seed: int, repeat: int = 3
+) -> list[dict[str, Any]]:
+    """Per context length and tier: reuse TTFT with the prompt's stored chunks starting on
+    that tier (sent down untimed; for the disk, their files dropped from the page cache),
+    promoted layer by layer while the model runs, and, as the ablation, promoted whole
+    before it runs (``ttft_reuse_whole_s``)."""
+    import tempfile
+
+    import kvfuse.hf
+    from kvfuse._bench_store import drop_cache
+    from kvfuse.rag import RagPipeline
+    from kvfuse.rag._pipeline import default_pages
+
+    limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvfuse-bench-tier-") as root:
+        store = kvfuse.hf.make_store(model, default_pages(model), host_bytes=8 << 30, disk_dir=root, disk_bytes=32 << 30)
+        rag = RagPipeline(model, tok, store=store)
+        whole = RagPipeline(model, tok, store=store, layerwise=False)
+        for n in contexts:
+            q = _question(rag, n, limit, seed)
+            p = rag.prompt(q.docs, q.question)
+            rag.ingest(q.docs)
+            keys = rag.keys(p.chunks, after=0)
+            files = [store.disk.path(k) for k in keys] if store.disk is not None else []
+            base: float | None = None
+            for tier in tiers:
+                times: dict[str, list[float]] = {"layerwise": [], "whole": []}
+                dropped = None
+                for _ in range(repeat):
+                    for name, pipe in (("layerwise", rag), ("whole", whole)):
+                        for key in keys:
+                            if tier != "device":
+                                store.demote(key, tier)
+                        if tier == "disk":
+                            dropped = drop_cache(files)
+                        a = pipe.answer(q.docs, q.question, mode="reuse", max_new_tokens=max_new_tokens)
+                        assert a.misses == 0, f"{a.misses} chunks missed on the {tier} tier"
+                        times[name].append(a.ttft_s)
+                ttft = statistics.median(times["layerwise"])
+                base = ttft if tier == "device" else base
+                rows.append(
+                    {
+                        "context_tokens": len(p.ids),
+                        "tier": tier,
+                        "chunks": len(keys),
+                        "kv_bytes": sum(store._entries[k].nbytes for k in keys if k in store._entries),
+                        "ttft_reuse_s": ttft,
+                        "ttft_reuse_whole_s": statistics.median(times["whole"]),
+                        "vs_device": ttft / base if base else None,
+                        "cache_dropped": dropped,
+                    }
+                )
+                r = rows[-1]
+                vs = f" = x{r['vs_device']:.2f} device" if r["vs_device"] else ""
+                print(
+                    f"  {r['context_tokens']:5d} tokens, chunks on {tier:6}: reuse TTFT {ttft:6.3f} s{vs} "
+                    f"(promoted whole first: {r['ttft_reuse_whole_s']:6.3f} s)",
+                    flush=True,
+                )
+    return rows
+
+
+def ttft_sweep(
+    model: Any, tok: Any, store: Any, contexts: list[int], ratios: list[float], max_new_tokens: int, seed: int
+) -> list[dict[str, Any]]:
+    """Per context length: TTFT and decode speed of HF and of each kvfuse mode."""
+    from kvfuse.rag import RagPipeline
+
+    rag = RagPipeline(model, tok, store=store)
+    limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
     rows = []
     for n in contexts:
-        q, extra = base, 0
-        while (have := length(q)) < n:  # distractors until the prompt reaches n tokens
-            extra += max(1, (n - have) // per_doc)
-            q = padded(base, extra, seed=seed)
-        while extra > 0 and length(q) > limit:  # the model's longest prompt
-            extra -= 1
-            q = padded(base, extra, seed=seed)
+        q = _question(rag, n, limit, seed)
         p = rag.prompt(q.docs, q.question)
         _, ttft_hf, tok_s_hf = _hf_answer(model, tok, p.ids, max_new_tokens)
         start = time.perf_counter()
@@ -162,6 +235,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = kvfuse.hf.from_pretrained(args.model)
     kvfuse.hf.enable(model, device=args.device)
     from kvfuse.rag._pipeline import default_pages
+
+    if args.tier:  # only reuse TTFT with the chunks starting on each tier
+        tiers = [t.strip() for t in args.tier.split(",")]
+        print(f"{args.model}: reuse TTFT with the stored chunks starting on {', '.join(tiers)}")
+        return {
+            "model": args.model,
+            "device": args.device or best_device(),
+            "threads": torch.get_num_threads(),
+            "tiers": tiers,
+            "results": tier_sweep(model, tok, contexts, tiers, args.max_new_tokens, args.seed),
+        }
 
     store = kvfuse.hf.make_store(model, num_pages=default_pages(model))
     print(f"{args.model}: quality on {args.questions} questions ({args.docs} documents each), blend ratios {ratios}")
@@ -237,7 +321,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     result = run(args)
-    if args.plot:
+    if args.plot and not args.tier:
         plot(result, args.plot)
     if args.json:
         with open(args.json, "w") as f:

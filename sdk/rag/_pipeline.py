@@ -120,7 +120,9 @@ class Clock:
 class RagPipeline:
     """``model``: a transformers decoder (kvfuse is enabled on it, on ``device``);
     ``tokenizer``: its tokenizer (for the text API); ``store``: a ``TieredStore`` of its KV
-    (default: ``kvfuse.hf.make_store`` with room for the model's longest prompt)."""
+    (default: ``kvfuse.hf.make_store`` with room for the model's longest prompt);
+    ``layerwise``: stored chunks found on the host or disk tier move into the device pool
+    layer by layer while the model computes (False: whole, before it starts)."""
 
     def __init__(
         self,
@@ -132,6 +134,7 @@ class RagPipeline:
         system: str = SYSTEM,
         in_context: bool = True,
         lead: int = 0,
+        layerwise: bool = True,
     ) -> None:
         import kvfuse.hf
 
@@ -139,6 +142,7 @@ class RagPipeline:
             raise InvalidValueError("tokenizer", "a tokenizer (pass the store as store=)", "a TieredStore")
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.system, self.in_context, self.lead = system, bool(in_context), int(lead)
+        self.layerwise = bool(layerwise)
         self._enable()
         if store is None:
             store = kvfuse.hf.make_store(model, num_pages=default_pages(model))
@@ -210,7 +214,7 @@ class RagPipeline:
             with PagedCache(self.model) as cache:
                 yield cache, 0, {}
         elif mode == "reuse":
-            with reused(self.model, self.store, p.chunks, after) as (cache, plan):
+            with reused(self.model, self.store, p.chunks, after, layerwise=self.layerwise) as (cache, plan):
                 yield cache, cache.seen(), {"hits": len(plan.hits), "misses": len(plan.misses)}
         else:
             with blended(self.model, self.store, p.chunks, p.tail, ratio, after, self.lead) as b:

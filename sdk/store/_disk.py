@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAGIC = b"KVFUSE\x00\x02"
 SUFFIX = ".kv"
 MAX_HEADER = 64 << 10
+_IOV_MAX = 512  # pieces per preadv (the OS allows 1024)
 PREFIX = len(MAGIC) + 8  # magic and header length
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _TMP = re.compile(r"\.(?P<key>.+)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp")
@@ -208,13 +209,28 @@ class ChunkReader:
 
     def read_layer(self, i: int, k: list[memoryview], v: list[memoryview]) -> None:
         """Read layer ``i``'s K into the pieces ``k`` (in order, ``layer_bytes`` in all) and
-        its V into ``v``, and verify them: :class:`ChunkRejected` if they are not what was
-        written (the pieces then hold garbage that nobody may read), OSError as the OS says."""
-        pieces = [*k, *v]
+        its V into ``v``, and verify them (as :meth:`read_layers`)."""
+        self.read_layers(range(i, i + 1), [k], [v])
+
+    def read_layers(self, layers: range, k: list[list[memoryview]], v: list[list[memoryview]]) -> None:
+        """Read consecutive ``layers`` (one sequential read) into their pieces: ``k[j]`` and
+        ``v[j]`` for layer ``layers[j]``, and verify each layer: :class:`ChunkRejected` if
+        one is not what was written (the pieces then hold garbage that nobody may read),
+        OSError as the OS says."""
+        pieces = [p for kj, vj in zip(k, v) for p in (*kj, *vj)]
         want = sum(p.nbytes for p in pieces)
-        if want != 2 * self.layer_bytes:
-            raise ValueError(f"layer {i} needs {2 * self.layer_bytes} bytes of buffers, got {want}")
-        at, done = self.offset + 2 * i * self.layer_bytes, 0
+        if want != 2 * self.layer_bytes * len(layers):
+            raise ValueError(f"layers {layers} need {2 * self.layer_bytes * len(layers)} bytes of buffers, got {want}")
+        at = self.offset + 2 * layers.start * self.layer_bytes
+        for i in range(0, len(pieces), _IOV_MAX):
+            part = pieces[i : i + _IOV_MAX]
+            self._pread(part, at)
+            at += sum(p.nbytes for p in part)
+        for j, i in enumerate(layers):
+            _check_layer(self.meta, i, k[j], v[j])
+
+    def _pread(self, pieces: list[memoryview], at: int) -> None:
+        done = 0
         while pieces:  # preadv may read less than asked: go on from where it stopped
             n = os.preadv(self.fd, pieces, at + done)
             if n <= 0:
@@ -222,10 +238,9 @@ class ChunkReader:
             done += n
             while pieces and n >= pieces[0].nbytes:
                 n -= pieces[0].nbytes
-                pieces.pop(0)
+                pieces = pieces[1:]
             if pieces and n:
-                pieces[0] = pieces[0][n:]
-        _check_layer(self.meta, i, k, v)
+                pieces = [pieces[0][n:], *pieces[1:]]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from kvfuse._errors import StoreError
 
 
-def host_steps(num_layers: int) -> list[range]:
-    """Layers per step of a move from host memory: 1, 1, 2, 4, 8, ... — layer 0 as soon
-    as possible, then fewer, larger copies (one ``copy_`` per run of pages covers a step)."""
+def promotion_steps(num_layers: int) -> list[range]:
+    """Layers per step of a promotion: 1, 1, 2, 4, 8, ... — layer 0 as soon as possible,
+    then fewer, larger moves (one ``copy_`` per run of pages, or one sequential read, covers
+    a step's layers)."""
     steps, at, size = [], 0, 1
     while at < num_layers:
         steps.append(range(at, min(num_layers, at + size)))
@@ -69,8 +70,8 @@ class Promotion:
             except Exception as exc:
                 with self._cond:
                     if self.error is None:
-                        layer = self.steps[i].start if len(self.steps[i]) == 1 else self.steps[i]
-                        self.error = StoreError(f"promoting chunk {self.key}: layer {layer} failed: {exc}")
+                        r = self.steps[i]
+                        self.error = StoreError(f"promoting chunk {self.key} (layers {r.start}-{r.stop - 1}): {exc}")
                         self.error.__cause__ = exc
         with self._cond:
             self._moved[i], self._done[i] = moved, True

@@ -69,7 +69,7 @@ from kvfuse.store._auth import load_mac_key
 from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of, check_key
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import KVPool, runs
-from kvfuse.store._promote import Loading, Promotion, host_steps
+from kvfuse.store._promote import Loading, Promotion, promotion_steps
 from kvfuse.store._remote import RemoteTier
 
 TIERS = ("device", "host", "disk", "remote")
@@ -310,14 +310,12 @@ class TieredStore:
             placed = self._place(e, pages, *host, num_tokens, "host->device")
             self._returned.append(host)
             return placed
-        num_layers = self.namespace.num_layers
-        if reader is not None:  # a layer a step: the two movers read and hash two at once
-            steps = [range(i, i + 1) for i in range(num_layers)]
+        steps = promotion_steps(self.namespace.num_layers)
+        if reader is not None:
             move = functools.partial(self._move_from_disk, reader, pages)
             finish = reader.close
         else:
             assert e.host is not None
-            steps = host_steps(num_layers)
             move = functools.partial(self._move_from_host, pages, *e.host)
             finish = functools.partial(self._returned.append, e.host)  # list.append: safe off the lock
         e.promotion = Promotion(e.key, steps, move, finish, source)
@@ -336,32 +334,35 @@ class TieredStore:
         self.pool.write(pages, k[layers.start : layers.stop], v[layers.start : layers.stop], layers)
 
     def _move_from_disk(self, reader: ChunkReader, pages: list[int], layers: range) -> None:
-        """Layer ``i`` of a disk chunk: read and verified straight in the pool's pages (cpu)
-        or in this thread's staging pair, then copied to them."""
+        """Layers of a disk chunk, read in one go and verified: straight into the pool's
+        pages (cpu), or through this thread's staging pair a layer at a time."""
         assert self.disk is not None
-        ps, n, ns, i = self.namespace.page_size, reader.num_tokens, self.namespace, layers.start
+        ps, n, ns = self.namespace.page_size, reader.num_tokens, self.namespace
         try:
             if self.pool.device.type == "cpu":
-                k_into, v_into = [], []
+                k_into: list[list[memoryview]] = [[] for _ in layers]
+                v_into: list[list[memoryview]] = [[] for _ in layers]
                 for first, count, at in runs(pages):
                     rows = min(count * ps, n - at * ps)
-                    k_into.append(bytes_of(self.pool.k[i, first : first + count].flatten(0, 1)[:rows]))
-                    v_into.append(bytes_of(self.pool.v[i, first : first + count].flatten(0, 1)[:rows]))
-                reader.read_layer(i, k_into, v_into)
+                    for j, i in enumerate(layers):
+                        k_into[j].append(bytes_of(self.pool.k[i, first : first + count].flatten(0, 1)[:rows]))
+                        v_into[j].append(bytes_of(self.pool.v[i, first : first + count].flatten(0, 1)[:rows]))
+                reader.read_layers(layers, k_into, v_into)
                 return
             stage = getattr(self._stage, "pair", None)
             if stage is None or stage.shape[1] < n:
                 shape = (2, max(n, 1024), ns.num_kv_heads, ns.head_dim)
                 stage = self._stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
-            reader.read_layer(i, [bytes_of(stage[0, :n])], [bytes_of(stage[1, :n])])
+            for i in layers:
+                reader.read_layer(i, [bytes_of(stage[0, :n])], [bytes_of(stage[1, :n])])
+                self.pool.write(pages, stage[0:1, :n], stage[1:2, :n], range(i, i + 1))
+                torch.cuda.synchronize(self.pool.device)  # the stage is reused by the next layer
         except ChunkRejected:
             self.disk.reject(reader.key)
             raise
         except OSError:
             self.disk.errors += 1
             raise
-        self.pool.write(pages, stage[0:1, :n], stage[1:2, :n], layers)
-        torch.cuda.synchronize(self.pool.device)  # the stage is reused by this thread's next layer
 
     def _settled(self, key: str, loading: Loading | None) -> _Entry | None:
         """The chunk's entry once any promotion of it that this call cannot join is over
@@ -585,12 +586,11 @@ class TieredStore:
                 self._spare.append(pair)  # type: ignore[arg-type]
                 room -= _bytes_of_pair(pair)  # type: ignore[arg-type]
         rows = num_pages * self.namespace.page_size
-        fits = [s for s in self._spare if s[0].shape[1] >= rows]
+        fits = [i for i, s in enumerate(self._spare) if s[0].shape[1] >= rows]
         if not fits:
             return self.pool.host_buffers(num_pages)
-        best = min(fits, key=lambda s: s[0].shape[1])
-        self._spare.remove(best)
-        return best[0][:, :rows], best[1][:, :rows]
+        k, v = self._spare.pop(min(fits, key=lambda i: self._spare[i][0].shape[1]))  # by index: no tensor ==
+        return k[:, :rows], v[:, :rows]
 
     def _alloc_for(self, e: _Entry, need: int) -> list[int]:
         """``need`` pages for ``e``, which is pinned meanwhile so it is never its own victim."""
