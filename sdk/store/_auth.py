@@ -1,7 +1,7 @@
 """The key of the store's authenticated mode, and the MAC it keys.
 
 With a key, every chunk's header is authenticated with a keyed blake2b (the header names
-the payload's blake2b, so the MAC covers the payload too). Without one, the header's
+each layer's SHA-256, so the MAC covers the payload too). Without one, the header's
 digest is unkeyed: it catches corruption, not forgery.
 """
 

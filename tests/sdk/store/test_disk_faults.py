@@ -179,9 +179,11 @@ EDITS = {
     "dtype-unknown": _set("dtype", "fp8"),
     "dtype-other": _set("dtype", "fp16"),
     "key-int": _set("key", 7),
-    "missing-hash": _drop("layer_sha256"),
-    "hashes-one-short": lambda meta, payload: meta.__setitem__("layer_sha256", meta["layer_sha256"][:-1]),
-    "hash-not-hex": lambda meta, payload: meta.__setitem__("layer_sha256", ["zz" * 32] * len(meta["layer_sha256"])),
+    "missing-hash": _drop("layer_digests"),
+    "hashes-one-short": lambda meta, payload: meta.__setitem__("layer_digests", meta["layer_digests"][:-1]),
+    "hash-not-hex": lambda meta, payload: meta.__setitem__("layer_digests", ["zz" * 4] * len(meta["layer_digests"])),
+    "hash-other-kind": _set("layer_check", "sha256"),
+    "hash-wrong-width": lambda meta, payload: meta.__setitem__("layer_digests", ["ab" * 32] * len(meta["layer_digests"])),
     "missing-shape": _drop("shape"),
     "extra-field": _set("pickle", "cos\nsystem\n"),
     "auth-keyed": _set("auth", "blake2b-keyed"),
@@ -240,6 +242,22 @@ def test_forged_entries_are_misses_with_a_key(tmp_path: Path, monkeypatch: pytes
     assert pages is not None and same_bits(victim.pool.read(pages, 10), chunk(1))
     # without the key the authenticated entry cannot be checked: a miss, not trusted
     assert _disk_store(tmp_path).fetch("real") is None
+
+
+def test_payload_edits_under_a_valid_mac_are_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a key, each layer's SHA-256 sits in the MAC'd header: a payload edit cannot
+    keep it (a CRC-32 could be kept by choosing the edit)."""
+    monkeypatch.setenv("KVFUSE_TEST_MAC", "11" * 32)
+    store = _disk_store(tmp_path, mac_key_env="KVFUSE_TEST_MAC")
+    store.put("real", *chunk(1))
+    store.put("tmp", *chunk(2))  # real to disk
+    data = bytearray((tmp_path / "real.kv").read_bytes())
+    (length,) = struct.unpack("<Q", data[8:16])
+    meta = json.loads(data[16 : 16 + length])
+    assert meta["layer_check"] == "sha256" and all(len(d) == 64 for d in meta["layer_digests"])
+    data[-3] ^= 0x01  # the last layer's V
+    (tmp_path / "real.kv").write_bytes(bytes(data))
+    assert store.fetch("real") is None and store.stats.rejected == 1
 
 
 def test_mac_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
