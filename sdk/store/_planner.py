@@ -94,6 +94,8 @@ class Plan:
             return
         with self.store._lock:
             self._closed = True
+            if self.loading is not None:  # promotions it never started must still finish
+                self.loading.start()
             uncommitted = [p for i in self.misses if i not in self.committed for p in self.pages[i]]
             self.store.release(uncommitted + list(self.live_pages))
             for key in self._held:

@@ -60,6 +60,16 @@ class Promotion:
         with self._cond:
             return self._left == 0
 
+    def start(self, movers: ThreadPoolExecutor) -> None:
+        """Queue every step (once; for one promotion alone, e.g. one whose request ended
+        before it started its loading)."""
+        with self._cond:
+            if self.started:
+                return
+            self.started = True
+        for i in range(len(self.steps)):
+            movers.submit(self.run_step, i)
+
     def run_step(self, i: int) -> None:
         """Move step ``i`` (on a mover thread); a failure fails the whole promotion."""
         moved = False
@@ -110,9 +120,12 @@ class Loading:
     def start(self) -> None:
         """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
         every chunk is ready first."""
-        new = [p for p in self.promotions if not p.started]
-        for p in new:
-            p.started = True
+        new = []
+        for p in self.promotions:
+            with p._cond:
+                if not p.started:
+                    p.started = True
+                    new.append(p)
         tasks = sorted((r.start, n, i) for n, p in enumerate(new) for i, r in enumerate(p.steps))
         for _, n, i in tasks:
             self._movers.submit(new[n].run_step, i)

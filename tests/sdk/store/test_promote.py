@@ -53,6 +53,7 @@ def _scattered_store(tmp_path: Path, tier: str) -> tuple[TieredStore, dict[str, 
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, tier: str) -> None:
     store, kv = _scattered_store(tmp_path, tier)
+    store.host_layerwise = True  # on the cpu the default moves host chunks whole
     loading = store.loading()
     with plan(store, [[1] * 10, [2] * 10], 0, keys=["a", "b"], loading=loading) as p:
         assert p.hits == [0, 1] and len(loading.promotions) == 2
@@ -103,6 +104,16 @@ def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path) ->
     # the chunk computed again is stored and served again
     store.put("a", *kv["a"])
     assert store.tier("a") == "device"
+
+
+def test_host_chunks_move_whole_to_a_cpu_pool(tmp_path: Path) -> None:
+    store, kv = _scattered_store(tmp_path, "host")
+    assert not store.host_layerwise
+    loading = store.loading()
+    with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
+        assert not loading.promotions  # nothing left to wait for
+        for layer in range(NS.num_layers):
+            assert _equal(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
 
 
 def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None:

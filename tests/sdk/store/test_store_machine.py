@@ -1,6 +1,8 @@
 """The store's bookkeeping under interleavings (hypothesis state machine): several open
-requests, fills, commits, closes, aborts, puts, fetches, pins, pool pressure and a disk
-that fails, on a pool small enough that every step can evict.
+requests, fills, commits, closes, aborts, puts, fetches, pins, pool pressure, a disk
+that fails and disk files corrupted behind the store's back, on a pool small enough that
+every step can evict, and explicit demotions. Requests may promote their hits layer by layer (host and disk
+chunks on the mover threads), and other steps run while those promotions are in flight.
 
 Invariants after every step:
 - every page has one owner: free, a chunk on the device, or one open request (or the
@@ -8,7 +10,9 @@ Invariants after every step:
   the scratch's pages;
 - every page a request or a pin holds (and every fetch returns) holds that chunk's KV,
   and host copies hold their chunk's KV;
-- a chunk leaves the store only by eviction from the last tier;
+- a chunk leaves the store only by eviction from the last tier, or by failing its
+  checksum after its file was corrupted (and then the promotion's request gets a
+  StoreError, never wrong KV);
 - only StoreError escapes a call.
 """
 
@@ -54,8 +58,11 @@ class StoreMachine(RuleBasedStateMachine):
         self.scratch: list[list[int]] = []
         self.user_pins: list[int] = []  # chunk ids pinned by the "user" holder
         self.stored: set[int] = set()  # chunks the store should still know
+        self.store.host_layerwise = True  # host chunks on the movers too
         self.disk_full = False
         self.errors = 0
+        self.corrupted: set[int] = set()  # chunks whose file was damaged: they may vanish
+        self.failed: set[int] = set()  # id() of requests whose promotion failed (a checksum)
 
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -74,10 +81,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     # -- requests ---------------------------------------------------------------------------
 
-    @rule(cs=st.lists(st.integers(0, 5), min_size=1, max_size=4), live=st.integers(0, 9))
-    def open_request(self, cs: list[int], live: int) -> None:
+    @rule(cs=st.lists(st.integers(0, 5), min_size=1, max_size=4), live=st.integers(0, 9), layerwise=st.booleans())
+    def open_request(self, cs: list[int], live: int, layerwise: bool = False) -> None:
         with self.call():
-            p = plan(self.store, [TOKENS[c] for c in cs], live)
+            loading = self.store.loading() if layerwise else None
+            p = plan(self.store, [TOKENS[c] for c in cs], live, loading=loading)
             self.plans.append((p, cs))
             self.filled[id(p)] = set()
         self.known()
@@ -89,6 +97,16 @@ class StoreMachine(RuleBasedStateMachine):
         the same retrieval): both may miss the same chunks and fill them."""
         _, cs = data.draw(st.sampled_from(self.plans))
         self.open_request(cs, live)
+
+    def _lower(self) -> list[int]:
+        return [c for c, key in enumerate(KEYS) if self.store.tier(key) in ("host", "disk")]
+
+    @precondition(lambda self: self._lower())
+    @rule(data=st.data(), live=st.integers(0, 4))
+    def open_layerwise_from_lower_tiers(self, data: st.DataObject, live: int) -> None:
+        """A request whose hits move up layer by layer while later steps run."""
+        cs = data.draw(st.lists(st.sampled_from(self._lower()), min_size=1, max_size=3))
+        self.open_request(cs, live, layerwise=True)
 
     def _unfilled(self) -> list[tuple[Plan, list[int], int]]:
         return [(p, cs, i) for p, cs in self.plans for i in p.misses if i not in self.filled[id(p)]]
@@ -144,6 +162,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.unhold(KEYS[c], "user")
         self.user_pins.remove(c)
 
+    @rule(c=st.integers(0, 5), to=st.sampled_from(["host", "disk"]))
+    def demote(self, c: int, to: str) -> None:
+        with self.call():
+            if self.store.tier(KEYS[c]) is not None:
+                self.store.demote(KEYS[c], to)
+                assert self.store.tier(KEYS[c]) in (("host", "disk") if to == "host" else ("disk",))
+
     @rule(n=st.integers(1, 4 * POOL_PAGES))
     def pressure(self, n: int) -> None:
         with self.call():
@@ -160,7 +185,38 @@ class StoreMachine(RuleBasedStateMachine):
     def disk_fault(self, on: bool) -> None:
         self.disk_full = on
 
+    def _on_disk(self) -> list[int]:
+        return [c for c, key in enumerate(KEYS) if self.store.tier(key) == "disk"]
+
+    @precondition(lambda self: self._on_disk())
+    @rule(data=st.data(), at=st.integers(1, 64))
+    def corrupt_file(self, data: st.DataObject, at: int) -> None:
+        """Flip a payload byte of a disk chunk's file (bit rot, a stray writer)."""
+        c = data.draw(st.sampled_from(self._on_disk()))
+        path = self.store.disk.path(KEYS[c])  # type: ignore[union-attr]
+        with contextlib.suppress(FileNotFoundError):
+            data = bytearray(path.read_bytes())
+            data[-min(at, 2 * LENGTHS[c] * 16)] ^= 0x40
+            path.write_bytes(bytes(data))
+            self.corrupted.add(c)
+
     # -- invariants -------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Every promotion in flight runs to its end before the invariants and the next
+        step's preconditions look (hypothesis needs each step's outcome to be
+        deterministic); a request waits before it reads its promoted hits."""
+        for p, cs in self.plans:
+            if p.loading is not None and id(p) not in self.failed:
+                try:
+                    p.loading.wait_all()
+                except kvfuse.StoreError as exc:
+                    assert "checksum" in str(exc) and {cs[i] for i in p.hits} & self.corrupted, exc
+                    self.failed.add(id(p))
+        for e in list(self.store._entries.values()):  # of requests that closed before waiting
+            if e.promotion is not None:
+                e.promotion.wait_finished()
+        self.store.audit()  # settles finished promotions
 
     def check_pages(self, pages: list[int], c: int) -> None:
         k, v = self.store.pool.read(pages, LENGTHS[c])
@@ -169,13 +225,17 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_owner_per_page(self) -> None:
+        self.settle()
         owners = self.store.audit()  # raises if a page has two owners or none
         lent = sorted(x for p, _ in self.plans for x in p.lent()) + [x for s in self.scratch for x in s]
         assert sorted(lent) == owners["lent"]
 
     @invariant()
     def requests_and_pins_see_their_kv(self) -> None:
+        self.settle()
         for p, cs in self.plans:
+            if id(p) in self.failed:
+                continue
             for i in set(p.hits) | p.committed:
                 for j, c in enumerate(cs):  # every occurrence shares the pages
                     if KEYS[c] == p.keys[i]:
@@ -187,6 +247,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def host_copies_hold_their_kv(self) -> None:
+        self.settle()
         for c, key in enumerate(KEYS):
             e = self.store._entries.get(key)
             if e is not None and e.tier == "host":
@@ -195,7 +256,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def chunks_leave_only_by_eviction(self) -> None:
-        gone = {c for c in self.stored if self.store.tier(KEYS[c]) is None}
+        self.settle()
+        gone = {c for c in self.stored - self.corrupted if self.store.tier(KEYS[c]) is None}
         drops = self.store.stats.demotions["host->drop"] + self.store.stats.demotions["disk->drop"]
         assert len(gone) <= drops - getattr(self, "_drops_seen", 0), f"chunks {gone} lost"
         self._drops_seen = drops
