@@ -124,7 +124,8 @@ def tier_sweep(
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvfuse-bench-tier-") as root:
-        store = kvfuse.hf.make_store(model, default_pages(model), host_bytes=8 << 30, disk_dir=root, disk_bytes=32 << 30)
+        tiers_kw = {"host_bytes": 8 << 30, "disk_dir": root, "disk_bytes": 32 << 30}
+        store = kvfuse.hf.make_store(model, default_pages(model), **tiers_kw)
         rag = RagPipeline(model, tok, store=store)
         whole = RagPipeline(model, tok, store=store, layerwise=False)
         for n in contexts:
