@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import socket
 import subprocess
@@ -31,6 +32,14 @@ def _raw_tcp(sock: socket.socket, k: torch.Tensor, v: torch.Tensor) -> None:
     sock.sendall(b)
     if sock.recv(1) != b"\x01":
         raise ConnectionError("the raw-TCP peer did not acknowledge")
+
+
+def _runs(n: int, top: int, run: int, seed: int) -> list[int]:
+    """``n`` page ids of ``top`` in shuffled runs of ``run`` consecutive pages."""
+    run = min(run, top)
+    g = torch.Generator().manual_seed(seed)
+    starts = (torch.randperm(top // run, generator=g) * run).tolist()
+    return [s + j for s in starts for j in range(run)][:n]
 
 
 def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> list[dict[str, Any]]:
@@ -65,9 +74,11 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
         k, v = kv[0].contiguous(), kv[1].contiguous()
         sender.register_pool(k, v)
         rows = []
-        for n in counts:
-            ids = torch.randperm(top)[:n].tolist()
-            dst = torch.randperm(top)[:n].tolist()
+        for n, layout in itertools.product(counts, ("scattered", "runs")):
+            if layout == "scattered":  # pages anywhere on both sides: one slice per page
+                ids, dst = torch.randperm(top)[:n].tolist(), torch.randperm(top)[:n].tolist()
+            else:  # chunks of 32 pages, consecutive on both sides as a pool lends them
+                ids, dst = _runs(n, top, 32, 0), _runs(n, top, 32, 1)
             src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
             secs, tcp, base = medians(
                 [
@@ -82,6 +93,7 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
             rows.append(
                 {
                     "pages": n,
+                    "layout": layout,
                     "bytes": nbytes,
                     "seconds": secs,
                     "tcp_seconds": tcp,
@@ -107,7 +119,7 @@ def _cmd(args: argparse.Namespace) -> int:
     print(f"page = {PAGE_SIZE} tokens x {HEADS} kv heads x {HEAD_DIM} dims, bf16, K and V; Mooncake TCP, 127.0.0.1")
     for r in rows:
         print(
-            f"  {r['pages']:5d} pages {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
+            f"  {r['pages']:5d} pages {r['layout']:9} {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
             f"{r['gbps']:7.2f} GB/s   raw TCP {r['tcp_gbps']:6.2f} GB/s  {100 * r['fraction_of_tcp']:6.1f} % of TCP"
             f"   clone {r['clone_gbps']:7.2f} GB/s  {100 * r['fraction_of_clone']:6.1f} % of clone"
         )

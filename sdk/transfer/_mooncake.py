@@ -1,8 +1,13 @@
 """MooncakeTransport: pages between processes over Mooncake Transfer Engine.
 
-Both pools are registered memory; a send is batched writes of whole pages (K and V) into
-the peer's pool, in groups of ``BATCH_PAGES`` so a failure names the pages it lost. Over
-TCP here (``P2PHANDSHAKE`` metadata, no server needed); RDMA by configuration.
+Both pools are registered memory; a send is one-sided writes of whole pages (K and V) into
+the peer's pool: pages consecutive on both sides merge into one slice, and the slices go
+in batches of ``BATCH_PAGES`` pages, ``IN_FLIGHT`` batches submitted before the first is
+awaited (``batch_transfer_async_write``), so the engine always has work queued; a failed
+batch names the pages from its first on as lost. Over TCP here (``P2PHANDSHAKE``
+metadata, no server needed); RDMA by configuration (``protocol="rdma"``, ``devices``: the
+NICs): there the engine's writes are the NIC's, the CPU only posts them, and the batching
+matters less than the slice count.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from kvfuse._transport import PoolDescriptor, Transport
 from kvfuse.ops import TransferHandle
 
 BATCH_PAGES = 64
+IN_FLIGHT = 8
 
 
 class MooncakeTransport(Transport):
@@ -83,17 +89,33 @@ class MooncakeTransport(Transport):
 
         def send() -> None:
             self.progress = 0
-            for i in range(0, len(src_ids), BATCH_PAGES):
-                srcs, dsts = src_ids[i : i + BATCH_PAGES], dst_ids[i : i + BATCH_PAGES]
-                local = [k_pages.data_ptr() + s * page for s in srcs] + [v_pages.data_ptr() + s * page for s in srcs]
-                remote = [peer["k_addr"] + d * page for d in dsts] + [peer["v_addr"] + d * page for d in dsts]
-                try:
-                    rc = self.engine.batch_transfer_sync_write(peer["session"], local, remote, [page] * len(local))
-                except Exception as exc:
-                    raise TransferError(f"transfer to {peer['session']} failed: {exc}", dst_ids[i:]) from exc
+            pending: list[tuple[int, int, int]] = []  # (batch id, first page index, pages)
+
+            def settle(batch: int, first: int, count: int) -> None:
+                rc = self.engine.get_batch_transfer_status([batch])
                 if rc != 0:
-                    raise TransferError(f"transfer to {peer['session']} failed (code {rc})", dst_ids[i:])
-                self.progress += len(srcs)
+                    raise TransferError(f"transfer to {peer['session']} failed (code {rc})", dst_ids[first:])
+                self.progress += count
+
+            try:
+                for i in range(0, len(src_ids), BATCH_PAGES):
+                    srcs, dsts = src_ids[i : i + BATCH_PAGES], dst_ids[i : i + BATCH_PAGES]
+                    local, remote, lengths = _slices(srcs, dsts, page, k_pages, v_pages, peer)
+                    lost = dst_ids[pending[0][1] if pending else i :]  # from the first page not yet written
+                    try:
+                        batch = self.engine.batch_transfer_async_write(peer["session"], local, remote, lengths)
+                    except Exception as exc:
+                        raise TransferError(f"transfer to {peer['session']} failed: {exc}", lost) from exc
+                    if not batch:
+                        raise TransferError(f"transfer to {peer['session']} could not be submitted", lost)
+                    pending.append((batch, i, len(srcs)))
+                    if len(pending) >= IN_FLIGHT:
+                        settle(*pending.pop(0))
+                while pending:
+                    settle(*pending.pop(0))
+            finally:  # never leave batches the engine still writes from behind an error
+                for batch, _, _ in pending:
+                    self.engine.get_batch_transfer_status([batch])
 
         if non_blocking:
             return TransferHandle(dst_ids, self._sender.submit(send))
@@ -105,6 +127,26 @@ class MooncakeTransport(Transport):
         for ptr in list(self._registered):
             self.engine.unregister_memory(ptr)
         self._registered.clear()
+
+
+def _slices(
+    srcs: list[int], dsts: list[int], page: int, k_pages: torch.Tensor, v_pages: torch.Tensor, peer: PoolDescriptor
+) -> tuple[list[int], list[int], list[int]]:
+    """(local addresses, remote addresses, lengths) of the K and V slices that move pages
+    ``srcs`` to ``dsts``: a run consecutive on both sides is one slice."""
+    runs: list[list[int]] = []  # [first src, first dst, count]
+    for s, d in sorted(zip(srcs, dsts)):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    local, remote, lengths = [], [], []
+    for src_base, dst_base in ((k_pages.data_ptr(), peer["k_addr"]), (v_pages.data_ptr(), peer["v_addr"])):
+        for s, d, n in runs:
+            local.append(src_base + s * page)
+            remote.append(dst_base + d * page)
+            lengths.append(n * page)
+    return local, remote, lengths
 
 
 @hookimpl

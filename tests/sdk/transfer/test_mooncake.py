@@ -75,6 +75,28 @@ def test_pages_arrive_bit_exact(sender: MooncakeTransport) -> None:
         peer.close()
 
 
+def test_many_batches_in_flight_with_runs_and_scattered_pages_arrive_bit_exact(sender: MooncakeTransport) -> None:
+    """More pages than IN_FLIGHT batches hold, part of them in runs consecutive on both
+    sides (merged into one slice each), part scattered."""
+    from kvfuse.transfer._mooncake import BATCH_PAGES, IN_FLIGHT
+
+    n = BATCH_PAGES * IN_FLIGHT + 300
+    peer = Peer(num_pages=2 * n)
+    try:
+        k, v = _pool(n)
+        sender.register_pool(k, v)
+        g = torch.Generator().manual_seed(1)
+        src = list(range(n // 2)) + (torch.randperm(n - n // 2, generator=g) + n // 2).tolist()
+        dst = list(range(n, n + n // 2)) + torch.randperm(n, generator=g)[: n - n // 2].tolist()
+        sender.send_pages(k, v, src, peer.descriptor, dst).wait(timeout=120)
+        sample = sorted(torch.randperm(n, generator=g)[:64].tolist())
+        peer.ask(op="valid", pages=dst)
+        got = peer.ask(op="digest", pages=[dst[i] for i in sample])["digests"]
+        assert got == [page_digest(k, v, src[i]) for i in sample]
+    finally:
+        peer.close()
+
+
 def test_peer_killed_mid_transfer_names_the_pages(sender: MooncakeTransport) -> None:
     peer = Peer(num_pages=4096)
     k, v = _pool(4096)
