@@ -318,52 +318,25 @@ class DiskTier:
             raise StoreError(f"disk tier: writing chunk {key} to {self.root} failed: {exc.strerror or exc}") from exc
         return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
-    def read(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk's (K, V) on the host, or None (a miss) if absent, unreadable or invalid."""
-        reader = self.open(key)
-        if reader is None:
-            return None
-        try:
-            shape, dtype = reader.meta.shape, DTYPES[reader.meta.dtype]
-            k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-            for i in range(shape[0]):
-                reader.read_layer(i, [bytes_of(k[i])], [bytes_of(v[i])])
-            return k, v
-        except ChunkRejected:
-            self.reject(key)
-            return None
-        except OSError:
-            self.errors += 1
-            return None
-        finally:
-            reader.close()
-
     def open(self, key: str) -> ChunkReader | None:
         """A reader of the chunk, its header verified, or None (a miss) if absent,
         unreadable or invalid (then quarantined)."""
         path = self.path(key)
         try:
-            opened = self._open(path)
+            with self._open(path) as (f, size, _):
+                meta = read_header(f, size, key, self.namespace, self.mac_key)
+                return ChunkReader(os.dup(f.fileno()), meta, f.tell(), path)
         except FileNotFoundError:
             return None
-        except ChunkRejected:
+        except (ChunkRejected, OSError) as exc:
+            return self._miss(key, exc)
+
+    def _miss(self, key: str, exc: Exception) -> None:
+        """A read that failed: a rejected file is counted and quarantined, an OS error counted."""
+        if isinstance(exc, ChunkRejected):
             self.reject(key)
-            return None
-        except OSError:
+        else:
             self.errors += 1
-            return None
-        try:
-            meta = read_header(opened.f, opened.size, key, self.namespace, self.mac_key)
-            fd = os.dup(opened.f.fileno())
-            return ChunkReader(fd, meta, opened.f.tell(), path)
-        except ChunkRejected:
-            self.reject(key)
-            return None
-        except OSError:
-            self.errors += 1
-            return None
-        finally:
-            opened.f.close()
 
     def reject(self, key: str) -> None:
         """Count the chunk's file as rejected and quarantine it."""
