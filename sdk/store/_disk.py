@@ -328,15 +328,11 @@ class DiskTier:
                 return ChunkReader(os.dup(f.fileno()), meta, f.tell(), path)
         except FileNotFoundError:
             return None
-        except (ChunkRejected, OSError) as exc:
-            return self._miss(key, exc)
-
-    def _miss(self, key: str, exc: Exception) -> None:
-        """A read that failed: a rejected file is counted and quarantined, an OS error counted."""
-        if isinstance(exc, ChunkRejected):
+        except ChunkRejected:
             self.reject(key)
-        else:
+        except OSError:
             self.errors += 1
+        return None
 
     def reject(self, key: str) -> None:
         """Count the chunk's file as rejected and quarantine it."""
