@@ -20,8 +20,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import torch
 from kvfuse._errors import StoreError
+from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of
+from kvfuse.store._pool import KVPool, runs
 
 
 def promotion_steps(num_layers: int) -> list[range]:
@@ -143,3 +147,48 @@ class Loading:
             error = p.wait_finished()
             if error is not None:
                 raise error
+
+
+def move_from_host(pool: KVPool, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range) -> None:
+    """A step of a host chunk: its ``layers`` into ``pages``, one ``copy_`` per page run.
+
+    k, v: [num_layers, pages * page_size, num_kv_heads, head_dim] (a padded host copy)
+    """
+    pool.write(pages, k[layers.start : layers.stop], v[layers.start : layers.stop], layers)
+    if pool.device.type == "cuda":  # done means done: the host copy is reused after the last step
+        torch.cuda.current_stream(pool.device).synchronize()
+
+
+def move_from_disk(
+    pool: KVPool, disk: DiskTier, reader: ChunkReader, pages: list[int], stage: Any, layers: range
+) -> None:
+    """A step of a disk chunk: its ``layers`` read in one go and verified, straight into
+    the pool's pages (cpu), or a layer at a time through this thread's pinned staging
+    pair (``stage``: a ``threading.local``). A rejected file is counted and quarantined."""
+    ns = pool.namespace
+    ps, n = ns.page_size, reader.num_tokens
+    try:
+        if pool.device.type == "cpu":
+            k_into: list[list[memoryview]] = [[] for _ in layers]
+            v_into: list[list[memoryview]] = [[] for _ in layers]
+            for first, count, at in runs(pages):
+                rows = min(count * ps, n - at * ps)
+                for j, i in enumerate(layers):
+                    k_into[j].append(bytes_of(pool.k[i, first : first + count].flatten(0, 1)[:rows]))
+                    v_into[j].append(bytes_of(pool.v[i, first : first + count].flatten(0, 1)[:rows]))
+            reader.read_layers(layers, k_into, v_into)
+            return
+        pair = getattr(stage, "pair", None)
+        if pair is None or pair.shape[1] < n:
+            shape = (2, max(n, 1024), ns.num_kv_heads, ns.head_dim)
+            pair = stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
+        for i in layers:
+            reader.read_layer(i, [bytes_of(pair[0, :n])], [bytes_of(pair[1, :n])])
+            pool.write(pages, pair[0:1, :n], pair[1:2, :n], range(i, i + 1))
+            torch.cuda.synchronize(pool.device)  # the stage is reused by the next layer
+    except ChunkRejected:
+        disk.reject(reader.key)
+        raise
+    except OSError:
+        disk.errors += 1
+        raise

@@ -68,10 +68,10 @@ from dataclasses import dataclass, field
 import torch
 from kvfuse._errors import InvalidValueError, StoreError
 from kvfuse.store._auth import load_mac_key
-from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of, check_key
+from kvfuse.store._disk import ChunkReader, DiskTier, check_key
 from kvfuse.store._keys import Namespace
-from kvfuse.store._pool import KVPool, runs
-from kvfuse.store._promote import Loading, Promotion, promotion_steps
+from kvfuse.store._pool import HostCopies, KVPool
+from kvfuse.store._promote import Loading, Promotion, move_from_disk, move_from_host, promotion_steps
 from kvfuse.store._remote import RemoteTier
 
 TIERS = ("device", "host", "disk", "remote")
@@ -169,8 +169,7 @@ class TieredStore:
         self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
         self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
-        self._returned: list[tuple[torch.Tensor, torch.Tensor]] = []  # host copies given up (any thread)
-        self._spare: list[tuple[torch.Tensor, torch.Tensor]] = []  # of them, kept for reuse
+        self._copies = HostCopies(pool)  # host copies given up, reused by demotions
         self._movers: ThreadPoolExecutor | None = None
         self.host_layerwise = self.pool.device.type != "cpu"  # see "Promotion" above
         self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
@@ -317,16 +316,17 @@ class TieredStore:
             assert e.host is not None
             host = e.host
             placed = self._place(e, pages, *host, num_tokens, "host->device")
-            self._returned.append(host)
+            self._copies.give_back(host)
             return placed
         steps = promotion_steps(self.namespace.num_layers)
         if reader is not None:
-            move = functools.partial(self._move_from_disk, reader, pages)
+            assert self.disk is not None
+            move = functools.partial(move_from_disk, self.pool, self.disk, reader, pages, self._stage)
             finish = reader.close
         else:
             assert e.host is not None
-            move = functools.partial(self._move_from_host, pages, *e.host)
-            finish = functools.partial(self._returned.append, e.host)  # list.append: safe off the lock
+            move = functools.partial(move_from_host, self.pool, pages, *e.host)
+            finish = functools.partial(self._copies.give_back, e.host)
         e.promotion = Promotion(e.key, steps, move, finish, source)
         e.tier, e.pages, e.host = "device", pages, None
         e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
@@ -335,42 +335,6 @@ class TieredStore:
             loading.add(e.promotion)
             return pages
         return pages if self._settled(e.key, None) is e else None  # run and counted (hit or miss) there
-
-    def _move_from_host(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range) -> None:
-        self.pool.write(pages, k[layers.start : layers.stop], v[layers.start : layers.stop], layers)
-        if self.pool.device.type == "cuda":  # done means done: the host copy is reused after the last step
-            torch.cuda.current_stream(self.pool.device).synchronize()
-
-    def _move_from_disk(self, reader: ChunkReader, pages: list[int], layers: range) -> None:
-        """Layers of a disk chunk, read in one go and verified: straight into the pool's
-        pages (cpu), or through this thread's staging pair a layer at a time."""
-        assert self.disk is not None
-        ps, n, ns = self.namespace.page_size, reader.num_tokens, self.namespace
-        try:
-            if self.pool.device.type == "cpu":
-                k_into: list[list[memoryview]] = [[] for _ in layers]
-                v_into: list[list[memoryview]] = [[] for _ in layers]
-                for first, count, at in runs(pages):
-                    rows = min(count * ps, n - at * ps)
-                    for j, i in enumerate(layers):
-                        k_into[j].append(bytes_of(self.pool.k[i, first : first + count].flatten(0, 1)[:rows]))
-                        v_into[j].append(bytes_of(self.pool.v[i, first : first + count].flatten(0, 1)[:rows]))
-                reader.read_layers(layers, k_into, v_into)
-                return
-            stage = getattr(self._stage, "pair", None)
-            if stage is None or stage.shape[1] < n:
-                shape = (2, max(n, 1024), ns.num_kv_heads, ns.head_dim)
-                stage = self._stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
-            for i in layers:
-                reader.read_layer(i, [bytes_of(stage[0, :n])], [bytes_of(stage[1, :n])])
-                self.pool.write(pages, stage[0:1, :n], stage[1:2, :n], range(i, i + 1))
-                torch.cuda.synchronize(self.pool.device)  # the stage is reused by the next layer
-        except ChunkRejected:
-            self.disk.reject(reader.key)
-            raise
-        except OSError:
-            self.disk.errors += 1
-            raise
 
     def _settled(self, key: str, loading: Loading | None) -> _Entry | None:
         """The chunk's entry once any promotion of it that this call cannot join is over
@@ -495,7 +459,7 @@ class TieredStore:
                 if e is None:
                     e = self._entries[key] = _Entry(key, num_tokens, self._nbytes(num_tokens), "device")
                 if e.host is not None:
-                    self._returned.append(e.host)
+                    self._copies.give_back(e.host)
                 e.tier, e.pages, e.host = "device", list(pages), None
                 kept = list(pages)
                 if self.remote is not None and self.remote.up:  # publish for other machines
@@ -583,24 +547,6 @@ class TieredStore:
             self.stats.bytes_moved[source] += e.nbytes
         return list(pages)
 
-    def _host_copy(self, num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded host buffers for ``num_pages`` pages: the smallest spare that fits (views
-        of it), else new ones. Copies the host tier gave up come back as spares while the
-        tier's memory (chunks and spares) stays within ``host_bytes``: demotion then writes
-        into memory already mapped, and promotion frees nothing."""
-        room = self.host_bytes - self.used("host") - sum(_bytes_of_pair(s) for s in self._spare)
-        while self._returned:
-            pair = tuple(t if t._base is None else t._base for t in self._returned.pop())
-            if _bytes_of_pair(pair) <= room:  # type: ignore[arg-type]
-                self._spare.append(pair)  # type: ignore[arg-type]
-                room -= _bytes_of_pair(pair)  # type: ignore[arg-type]
-        rows = num_pages * self.namespace.page_size
-        fits = [i for i, s in enumerate(self._spare) if s[0].shape[1] >= rows]
-        if not fits:
-            return self.pool.host_buffers(num_pages)
-        k, v = self._spare.pop(min(fits, key=lambda i: self._spare[i][0].shape[1]))  # by index: no tensor ==
-        return k[:, :rows], v[:, :rows]
-
     def _alloc_for(self, e: _Entry, need: int) -> list[int]:
         """``need`` pages for ``e``, which is pinned meanwhile so it is never its own victim."""
         e.holders[_PLACING] += 1
@@ -642,7 +588,8 @@ class TieredStore:
         assert e.pages is not None
         self._trim_host(room=e.nbytes)  # raises if the disk refuses: e stays on the device
         try:
-            k, v = self.pool.read(e.pages, out=self._host_copy(len(e.pages)))
+            room = self.host_bytes - self.used("host")
+            k, v = self.pool.read(e.pages, out=self._copies.take(len(e.pages), room))
         except Exception as exc:
             raise StoreError(f"demoting chunk {e.key} to host memory failed: {exc}") from exc
         self.pool.release(e.pages)
@@ -664,7 +611,7 @@ class TieredStore:
             assert e.host is not None
             if self.disk is None:
                 del self._entries[e.key]
-                self._returned.append(e.host)
+                self._copies.give_back(e.host)
                 self.stats.demotions["host->drop"] += 1
                 continue
             self._host_to_disk(e)
@@ -678,7 +625,7 @@ class TieredStore:
         except StoreError:
             self.stats.disk_errors += 1
             raise
-        self._returned.append(e.host)
+        self._copies.give_back(e.host)
         e.nbytes, e.tier, e.host = nbytes, "disk", None
         self.stats.demotions["host->disk"] += 1
         self.stats.bytes_moved["host->disk"] += e.nbytes
@@ -693,10 +640,6 @@ class TieredStore:
             self.disk.delete(e.key)
             del self._entries[e.key]
             self.stats.demotions["disk->drop"] += 1
-
-
-def _bytes_of_pair(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in pair)
 
 
 _pin_ids = itertools.count()
