@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from kvfuse._errors import StoreError
-from kvfuse.store._disk import decode, encode
+from kvfuse.store._disk import bytes_of, decode, encode_parts
 from kvfuse.store._keys import Namespace
 
 
@@ -101,7 +101,7 @@ class RemoteTier:
             self._fail("get", f"code {got}")
             return None
         try:
-            return decode(self._buffer[:got].numpy().tobytes(), key, self.namespace, self.mac_key)
+            return decode(bytes_of(self._buffer[:got]), key, self.namespace, self.mac_key)  # no copy of the value
         except Exception as exc:  # any malformed value (short, bad header, wrong payload) is a miss
             self.corrupt += 1
             warnings.warn(
@@ -113,13 +113,18 @@ class RemoteTier:
         """Publish a chunk; False (warned, counted) if the remote tier is unreachable."""
         if not self.up:
             return False
-        data = encode(key, self.namespace, k, v, self.mac_key)
+        parts = encode_parts(key, self.namespace, k, v, self.mac_key)
+        size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
         try:
             if self.client.is_exist(key) == 1:
                 return True  # same key, same bytes: already published
-            self._reserve(len(data))
-            self._buffer[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            rc = self.client.put_from(key, self._buffer.data_ptr(), len(data))
+            self._reserve(size)
+            view, at = bytes_of(self._buffer), 0
+            for part in parts:  # the encoded value straight into the registered buffer
+                n = len(part) if isinstance(part, bytes) else part.nbytes
+                view[at : at + n] = part
+                at += n
+            rc = self.client.put_from(key, self._buffer.data_ptr(), size)
         except Exception as exc:
             self._fail("put", exc)
             return False
