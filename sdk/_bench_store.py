@@ -10,6 +10,12 @@ machine's limits, measured in the same run on the same bytes:
 Each timed promotion is of every chunk (``fetch``); between runs the chunks are sent back
 down (``demote``), untimed. ``first_layer_s``: a layer-wise promotion (``Loading``) until
 layer 0 of every chunk is in the pool: when a request can start computing.
+
+``--remote``: the remote tier's get path (Mooncake Store over TCP on 127.0.0.1 → checks →
+device pool) against raw TCP between the same two processes (``fraction_of_tcp``): a
+publisher process puts the chunks into the store, and sends the same bytes over a plain
+socket into an existing buffer of this process; between runs the chunks are discarded
+locally (``discard``), so every timed ``fetch`` is a remote hit.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -65,8 +72,9 @@ def _read_files(paths: list[Path], into: bytearray) -> None:
                 got += n
 
 
-def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None) -> list[dict[str, Any]]:
-    from kvfuse.store import KVPool, Namespace, TieredStore
+def _workload(chunks: int, tokens: int, dtype: str) -> tuple[Any, list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(namespace, keys, seeded KV of each chunk), the same in every process."""
+    from kvfuse.store import Namespace
 
     ns = Namespace(
         model_id="bench-smollm2-shape",
@@ -76,13 +84,22 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
         dtype=dtype,
         page_size=GEOMETRY["page_size"],
     )
-    pages = chunks * -(-tokens // ns.page_size)
     g = torch.Generator().manual_seed(0)
     kv = [
-        tuple(torch.randn(ns.chunk_shape(tokens), generator=g).to(ns.torch_dtype) for _ in range(2))
+        (
+            torch.randn(ns.chunk_shape(tokens), generator=g).to(ns.torch_dtype),
+            torch.randn(ns.chunk_shape(tokens), generator=g).to(ns.torch_dtype),
+        )
         for _ in range(chunks)
     ]
-    keys = [f"bench-{i}" for i in range(chunks)]
+    return ns, [f"bench-{i}" for i in range(chunks)], kv
+
+
+def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None) -> list[dict[str, Any]]:
+    from kvfuse.store import KVPool, TieredStore
+
+    ns, keys, kv = _workload(chunks, tokens, dtype)
+    pages = chunks * -(-tokens // ns.page_size)
     nbytes = chunks * 2 * kv[0][0].numel() * kv[0][0].element_size()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=root, prefix="kvfuse-bench-store-") as tmp:
@@ -178,8 +195,106 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
     return results
 
 
+def run_remote(chunks: int, tokens: int, dtype: str, repeat: int) -> list[dict[str, Any]]:
+    """The remote tier's get path against raw TCP between the same two processes."""
+    import subprocess
+    import sys
+
+    from kvfuse.store import KVPool, LocalMaster, RemoteConfig, RemoteTier, TieredStore
+
+    ns, keys, kv = _workload(chunks, tokens, dtype)
+    with LocalMaster() as master:
+        spec = {"master": master.config.master, "chunks": chunks, "tokens": tokens, "dtype": dtype}
+        peer = subprocess.Popen(
+            [sys.executable, "-m", "kvfuse._bench_store", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert peer.stdout is not None
+            ready = json.loads(peer.stdout.readline())  # the values are in the publisher's segment
+            raw = socket.create_connection(("127.0.0.1", ready["tcp_port"]), timeout=60)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            remote = RemoteTier(RemoteConfig(master=master.config.master), ns)
+            store = TieredStore(ns, KVPool(ns, chunks * -(-tokens // ns.page_size)), host_bytes=0, remote=remote)
+
+            def forget() -> None:
+                for key in keys:
+                    store.discard(key)
+
+            def get_all() -> None:
+                for key in keys:
+                    assert store.fetch(key) is not None, f"{key}: no remote hit"
+
+            secs = _timed(forget, get_all, repeat)
+            for key, (k, v) in zip(keys, kv):  # what arrived is what was published
+                pages = store.fetch(key)
+                assert pages is not None
+                got = store.pool.read(pages, tokens)
+                assert torch.equal(got[0], k) and torch.equal(got[1], v), f"{key} arrived different"
+            buf = bytearray(ready["bytes"])
+            tcp = _timed(lambda: None, lambda: _recv_all(raw, buf), repeat)
+            raw.close()
+            remote.close()
+        finally:
+            peer.kill()
+            peer.wait()
+    return [
+        {
+            "case": f"remote->device/{chunks}x{tokens}/{dtype}",
+            "bytes": ready["bytes"],
+            "seconds": secs,
+            "gbps": ready["bytes"] / secs / 1e9,
+            "first_layer_s": None,
+            "baseline": "raw TCP",
+            "baseline_seconds": tcp,
+            "fraction_of_tcp": tcp / secs,
+            "tcp_gbps": ready["bytes"] / tcp / 1e9,
+        }
+    ]
+
+
+def _recv_all(sock: socket.socket, into: bytearray) -> None:
+    """Ask the publisher for every value's bytes and receive them into ``into``."""
+    sock.sendall(b"s")
+    view, got = memoryview(into), 0
+    while got < len(into):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("the publisher closed the connection")
+        got += n
+
+
+def _publisher(spec: dict[str, Any]) -> int:
+    """``python -m kvfuse._bench_store SPEC``: put the chunks into Mooncake Store (its own
+    segment holds them), then send their encoded bytes over a socket on each request."""
+    from kvfuse.store import RemoteConfig, RemoteTier
+    from kvfuse.store._disk import encode
+
+    ns, keys, kv = _workload(spec["chunks"], spec["tokens"], spec["dtype"])
+    remote = RemoteTier(RemoteConfig(master=spec["master"], global_segment_bytes=1 << 30), ns)
+    values = []
+    for key, (k, v) in zip(keys, kv):
+        if not remote.put(key, k, v):
+            raise SystemExit(f"publishing {key} failed")
+        values.append(encode(key, ns, k, v))
+    server = socket.create_server(("127.0.0.1", 0))
+    print(json.dumps({"tcp_port": server.getsockname()[1], "bytes": sum(map(len, values))}), flush=True)
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while conn.recv(1) == b"s":
+        for value in values:
+            conn.sendall(value)
+    return 0
+
+
 def _cmd(args: argparse.Namespace) -> int:
-    rows = run_store(args.chunks, args.tokens, args.dtype, args.repeat, args.dir)
+    if args.remote:
+        rows = run_remote(args.chunks, args.tokens, args.dtype, args.repeat)
+    else:
+        rows = run_store(args.chunks, args.tokens, args.dtype, args.repeat, args.dir)
     for r in rows:
         frac = next(v for k, v in r.items() if k.startswith("fraction_of_"))
         first = f", layer 0 after {r['first_layer_s'] * 1e3:.1f} ms" if r["first_layer_s"] is not None else ""
@@ -202,5 +317,12 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--dir", help="where the disk tier lives (default: the system's temporary directory)")
+    p.add_argument("--remote", action="store_true", help="the remote tier's get path against raw TCP instead")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=_cmd)
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_publisher(json.loads(sys.argv[1])))

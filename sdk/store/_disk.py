@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAGIC = b"KVFUSE\x00\x02"
 SUFFIX = ".kv"
 MAX_HEADER = 64 << 10
+ALIGN = 64  # the payload's offset in a file or value: any dtype can view it in place
 _IOV_MAX = 512  # pieces per preadv (the OS allows 1024)
 PREFIX = len(MAGIC) + 8  # magic and header length
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -127,6 +128,7 @@ def encode_parts(
         auth="none" if mac_key is None else "blake2b-keyed",
     )
     text = header.model_dump_json().encode()
+    text += b" " * (-(PREFIX + len(text) + 32) % ALIGN)  # JSON allows it: the payload starts aligned
     return [MAGIC + struct.pack("<Q", len(text)) + text + header_digest(text, mac_key), *parts]
 
 
@@ -196,22 +198,29 @@ def _check_layer(meta: ChunkHeader, i: int, k: list[memoryview], v: list[memoryv
 
 
 def decode(
-    data: bytes | memoryview, key: str, namespace: Namespace, mac_key: bytes | None = None
+    data: bytes | memoryview, key: str, namespace: Namespace, mac_key: bytes | None = None, *, copy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (K, V) of an encoded chunk; raises :class:`ChunkRejected` on any mismatch."""
+    """The (K, V) of an encoded chunk; raises :class:`ChunkRejected` on any mismatch.
+    ``copy=False``: views into ``data`` (a writable buffer the caller keeps unchanged
+    while it uses them) where the payload is aligned, every layer verified first."""
     view = memoryview(data).cast("B")
     f = io.BytesIO(view)
     meta = read_header(f, len(view), key, namespace, mac_key)
     dtype = DTYPES[meta.dtype]
-    k, v = (torch.empty(meta.shape, dtype=dtype) for _ in range(2))
     layer = meta.payload_bytes // max(1, 2 * meta.shape[0])
-    at = f.tell()
+    start = f.tell()
     for i in range(meta.shape[0]):
-        kb, vb = view[at : at + layer], view[at + layer : at + 2 * layer]
-        _check_layer(meta, i, [kb], [vb])
-        bytes_of(k[i])[:] = kb
-        bytes_of(v[i])[:] = vb
-        at += 2 * layer
+        at = start + 2 * i * layer
+        _check_layer(meta, i, [view[at : at + layer]], [view[at + layer : at + 2 * layer]])
+    if not copy and not view.readonly and start % ALIGN == 0 and meta.payload_bytes:
+        both = torch.frombuffer(view[start : start + meta.payload_bytes], dtype=torch.uint8).view(dtype)
+        pairs = both.view(meta.shape[0], 2, *meta.shape[1:])  # layer-major: K0 V0 K1 V1 ...
+        return pairs[:, 0], pairs[:, 1]
+    k, v = (torch.empty(meta.shape, dtype=dtype) for _ in range(2))
+    for i in range(meta.shape[0]):
+        at = start + 2 * i * layer
+        bytes_of(k[i])[:] = view[at : at + layer]
+        bytes_of(v[i])[:] = view[at + layer : at + 2 * layer]
     return k, v
 
 

@@ -79,7 +79,9 @@ class RemoteTier:
         )
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk, or None: absent, unreachable (warned, counted) or corrupt (counted)."""
+        """The chunk, or None: absent, unreachable (warned, counted) or corrupt (counted).
+        The tensors are views into this tier's staging buffer: use them (the store copies
+        them into its pool) before the next ``get`` or ``put``."""
         if not self.up:
             return None
         try:
@@ -101,7 +103,8 @@ class RemoteTier:
             self._fail("get", f"code {got}")
             return None
         try:
-            return decode(bytes_of(self._buffer[:got]), key, self.namespace, self.mac_key)  # no copy of the value
+            # views into the staging buffer, verified: valid until this tier's next get or put
+            return decode(bytes_of(self._buffer[:got]), key, self.namespace, self.mac_key, copy=False)
         except Exception as exc:  # any malformed value (short, bad header, wrong payload) is a miss
             self.corrupt += 1
             warnings.warn(

@@ -560,6 +560,26 @@ class TieredStore:
         """The least recently used chunk of ``tier`` that nobody pins and nothing moves."""
         return next((e for e in self._entries.values() if e.tier == tier and not e.pins and e.promotion is None), None)
 
+    def discard(self, key: str) -> bool:
+        """Forget a chunk on every local tier (its pages freed, its host copy and disk file
+        dropped; the remote tier keeps its copy): e.g. a document that changed. False if it
+        was not stored; a pinned or moving chunk raises :class:`StoreError`."""
+        with self._lock:
+            self._reap()
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            if e.pins or e.promotion is not None:
+                raise StoreError(f"discard of {key}: pinned or moving ({dict(e.holders)})")
+            if e.pages is not None:
+                self.pool.release(e.pages)
+            if e.host is not None:
+                self._copies.give_back(e.host)
+            if self.disk is not None:
+                self.disk.delete(key)
+            del self._entries[key]
+            return True
+
     def demote(self, key: str, to: str = "host") -> None:
         """Move a chunk down to the ``to`` tier ("host" or "disk") now, as eviction would:
         e.g. to keep the device pool for other work, or to stage a benchmark. A chunk

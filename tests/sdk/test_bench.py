@@ -142,6 +142,18 @@ def test_bench_rag_tiers_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
+def test_bench_store_remote_against_raw_tcp_json(tmp_path: Path) -> None:
+    """The remote tier's get path (a publisher process, Mooncake Store) against raw TCP
+    between the same two processes; the bench itself checks the bytes that arrived."""
+    pytest.importorskip("mooncake.store")
+    data, stdout = _bench(tmp_path, "store", "--remote", "--chunks", "2", "--tokens", "40", "--repeat", "1")
+    (r,) = data["results"]
+    assert r["case"] == "remote->device/2x40/fp32" and r["baseline"] == "raw TCP"
+    assert r["fraction_of_tcp"] == pytest.approx(r["baseline_seconds"] / r["seconds"]) and r["gbps"] > 0
+    assert "of raw TCP" in stdout
+
+
+@pytest.mark.netns
 def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
     """Mooncake page transfer between two processes, against raw TCP between the same two
     processes and a local clone, in one run."""

@@ -132,3 +132,17 @@ def test_a_loading_needs_a_holder(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="needs a holder"):
         store.fetch("a", loading=store.loading())
     assert store.tier("a") == "host"
+
+
+def test_discard_forgets_a_chunk_on_every_local_tier(tmp_path: Path) -> None:
+    store, kv = _scattered_store(tmp_path, "disk")
+    store.demote("d", "host")
+    with pytest.raises(StoreError, match="pinned"):
+        store.discard("c")  # held by the user
+    free = store.pool.free_pages
+    pages = store.fetch("x")
+    assert pages is not None and store.discard("x") and store.pool.free_pages == free + len(pages)
+    assert store.discard("a") and not (tmp_path / "a.kv").exists()  # the disk copy
+    assert store.discard("d") and store.tier("d") is None  # the host copy
+    assert not store.discard("a") and store.fetch("a") is None
+    store.audit()
