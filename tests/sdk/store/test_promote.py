@@ -135,7 +135,7 @@ def test_a_loading_needs_a_holder(tmp_path: Path) -> None:
 
 
 def test_discard_forgets_a_chunk_on_every_local_tier(tmp_path: Path) -> None:
-    store, kv = _scattered_store(tmp_path, "disk")
+    store, _ = _scattered_store(tmp_path, "disk")
     store.demote("d", "host")
     with pytest.raises(StoreError, match="pinned"):
         store.discard("c")  # held by the user
