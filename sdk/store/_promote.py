@@ -3,12 +3,14 @@ the store's mover threads, layer by layer.
 
 A request that passes a :class:`Loading` to the store gets its hits' pages at once and
 calls ``loading.wait(i)`` before layer ``i``'s attention reads them: layer 0 computes
-while later layers are still on their way (LMCache retrieves layer by layer too). The
-movers take layers in order, all of a request's chunks for one layer before the next
-layer, two layers at a time (one thread reads or hashes while the other does).
+while later layers are still on their way (LMCache retrieves layer by layer too). A
+chunk moves in steps of layers (:func:`promotion_steps`: 1, 1, 2, 4, ...); the two
+movers take the steps of all of a request's chunks in order of their first layer, so
+layer 0 of every chunk is ready first, and one mover reads or checks while the other
+does.
 
-A layer is ready only once it is in the pool and, when it came from the disk, its digest
-matched. A layer that fails fails its promotion: layers not started yet are not moved
+A layer is ready only once it is in the pool and, when it came from the disk, its
+checksum matched. A layer that fails fails its promotion: layers not started yet are not moved
 (the other mover may finish the one it has), and ``wait`` on any layer that was not
 moved raises :class:`StoreError` — it never returns with wrong KV. The store then drops
 the chunk (a miss for the next request; its pages come back when the failed request lets
@@ -117,9 +119,11 @@ class Loading:
     def __init__(self, movers: ThreadPoolExecutor) -> None:
         self._movers = movers
         self.promotions: list[Promotion] = []
+        self._ready: set[int] = set()  # layers known in the pool for every promotion (decode steps skip the checks)
 
     def add(self, p: Promotion) -> None:
         self.promotions.append(p)
+        self._ready.clear()
 
     def start(self) -> None:
         """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
@@ -136,9 +140,12 @@ class Loading:
 
     def wait(self, layer: int) -> None:
         """Before a layer's attention: every chunk's ``layer`` is in the pool, or StoreError."""
+        if layer in self._ready:
+            return
         self.start()
         for p in self.promotions:
             p.wait(layer)
+        self._ready.add(layer)
 
     def wait_all(self) -> None:
         """Every layer of every chunk is in the pool, or StoreError."""
