@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -57,6 +59,18 @@ class BenchResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def worker(module: str, *args: str) -> subprocess.Popen[str]:
+    """A benchmark's second process, ``python -m module args``: it answers in JSON lines on
+    stdout and stops when killed (its stderr dropped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def medians(fns: list[Callable[[], object]], repeat: int, device: torch.device) -> list[float]:

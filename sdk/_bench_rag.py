@@ -136,9 +136,7 @@ def run_remote(
 ) -> dict[str, Any]:
     """Two processes over Mooncake Store: a publisher prefills every chunk and publishes its
     KV; this process, with empty local tiers, answers from remote hits."""
-    import subprocess
-    import sys
-
+    from kvfuse._bench import worker
     from kvfuse.store import LocalMaster, RemoteTier
 
     with LocalMaster() as master:
@@ -152,13 +150,7 @@ def run_remote(
             "master": master.config.master,
             "metadata": master.config.metadata,
         }
-        publisher = subprocess.Popen(
-            [sys.executable, "-m", "kvfuse.rag._publish", json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        publisher = worker("kvfuse.rag._publish", json.dumps(spec))
         try:
             assert publisher.stdout is not None
             ready = json.loads(publisher.stdout.readline())

@@ -197,21 +197,13 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
 
 def run_remote(chunks: int, tokens: int, dtype: str, repeat: int) -> list[dict[str, Any]]:
     """The remote tier's get path against raw TCP between the same two processes."""
-    import subprocess
-    import sys
-
+    from kvfuse._bench import worker
     from kvfuse.store import KVPool, LocalMaster, RemoteConfig, RemoteTier, TieredStore
 
     ns, keys, kv = _workload(chunks, tokens, dtype)
     with LocalMaster() as master:
         spec = {"master": master.config.master, "chunks": chunks, "tokens": tokens, "dtype": dtype}
-        peer = subprocess.Popen(
-            [sys.executable, "-m", "kvfuse._bench_store", json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        peer = worker("kvfuse._bench_store", json.dumps(spec))
         try:
             assert peer.stdout is not None
             ready = json.loads(peer.stdout.readline())  # the values are in the publisher's segment
