@@ -132,7 +132,7 @@ def tier_sweep(
             q = _question(rag, n, limit, seed)
             p = rag.prompt(q.docs, q.question)
             rag.ingest(q.docs)
-            keys = rag.keys(p.chunks, after=0)
+            keys, ns = rag.keys(p.chunks, after=0), store.namespace
             files = [store.disk.path(k) for k in keys] if store.disk is not None else []
             base: float | None = None
             answers: dict[str, list[int]] = {}
@@ -157,7 +157,8 @@ def tier_sweep(
                         "context_tokens": len(p.ids),
                         "tier": tier,
                         "chunks": len(keys),
-                        "kv_bytes": sum(store._entries[k].nbytes for k in keys if k in store._entries),
+                        "kv_bytes": sum(2 * ns.num_layers * len(c) * ns.num_kv_heads * ns.head_dim for c in p.chunks)
+                        * ns.torch_dtype.itemsize,
                         "ttft_reuse_s": ttft,
                         "ttft_reuse_whole_s": statistics.median(times["whole"]),
                         "vs_device": ttft / base if base else None,

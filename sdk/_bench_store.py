@@ -111,8 +111,7 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
         def down(tier: str, cold: bool = False) -> Callable[[], None]:
             def go() -> None:
                 for key in keys:
-                    if store.tier(key) == "device":
-                        store.demote(key, tier)
+                    store.demote(key, tier)  # a chunk already there stays
                 if cold:
                     drop_cache(files)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import signal
+import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from kvfuse.store import Namespace
@@ -39,3 +42,13 @@ def disk_full(on: bool) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old)
+
+
+def corrupt_layer(path: Path, layer: int) -> None:
+    """Flip one byte of ``layer``'s V in a chunk file (format 2); its header stays valid."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[8:16])
+    meta = json.loads(data[16 : 16 + length])
+    per = meta["payload_bytes"] // (2 * meta["shape"][0])
+    data[16 + length + 32 + (2 * layer + 1) * per + 5] ^= 0xFF
+    path.write_bytes(bytes(data))

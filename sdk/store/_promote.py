@@ -66,15 +66,18 @@ class Promotion:
         with self._cond:
             return self._left == 0
 
+    def claim(self) -> bool:
+        """True for the one caller that gets to queue this promotion's steps."""
+        with self._cond:
+            first, self.started = not self.started, True
+            return first
+
     def start(self, movers: ThreadPoolExecutor) -> None:
         """Queue every step (once; for one promotion alone, e.g. one whose request ended
         before it started its loading)."""
-        with self._cond:
-            if self.started:
-                return
-            self.started = True
-        for i in range(len(self.steps)):
-            movers.submit(self.run_step, i)
+        if self.claim():
+            for i in range(len(self.steps)):
+                movers.submit(self.run_step, i)
 
     def run_step(self, i: int) -> None:
         """Move step ``i`` (on a mover thread); a failure fails the whole promotion."""
@@ -128,12 +131,7 @@ class Loading:
     def start(self) -> None:
         """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
         every chunk is ready first."""
-        new = []
-        for p in self.promotions:
-            with p._cond:
-                if not p.started:
-                    p.started = True
-                    new.append(p)
+        new = [p for p in self.promotions if p.claim()]
         tasks = sorted((r.start, n, i) for n, p in enumerate(new) for i, r in enumerate(p.steps))
         for _, n, i in tasks:
             self._movers.submit(new[n].run_step, i)

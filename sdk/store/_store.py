@@ -109,7 +109,7 @@ class StoreStats:
         return sum(self.hits.values()) / total if total else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # entries are compared by identity (list.remove, ``is``)
 class _Entry:
     key: str
     num_tokens: int
@@ -168,6 +168,7 @@ class TieredStore:
         self._lock = threading.RLock()
         self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
+        self._moving: list[_Entry] = []  # entries whose promotion _reap has not settled yet
         self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
         self._copies = HostCopies(pool)  # host copies given up, reused by demotions
         self._movers: ThreadPoolExecutor | None = None
@@ -328,6 +329,7 @@ class TieredStore:
             move = functools.partial(move_from_host, self.pool, pages, *e.host)
             finish = functools.partial(self._copies.give_back, e.host)
         e.promotion = Promotion(e.key, steps, move, finish, source)
+        self._moving.append(e)
         e.tier, e.pages, e.host = "device", pages, None
         e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
         self._entries.move_to_end(e.key)
@@ -351,7 +353,8 @@ class TieredStore:
     def _reap(self) -> None:
         """Settle finished promotions: a failed chunk leaves the index (its pages stay with
         its holders until they let go); free the pages of failed chunks nobody holds."""
-        for e in [e for e in self._entries.values() if e.promotion is not None and e.promotion.finished]:
+        for e in [e for e in self._moving if e.promotion is not None and e.promotion.finished]:
+            self._moving.remove(e)
             p, e.promotion = e.promotion, None
             assert p is not None
             if p.error is None:

@@ -5,26 +5,16 @@ the next, never a different answer."""
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from storecases import corrupt_layer
 
 transformers = pytest.importorskip("transformers")
 import kvfuse.hf
 from kvfuse import StoreError
 from kvfuse.rag import RagPipeline, qa_set
-
-
-def _corrupt_layer(path: Path, layer: int) -> None:
-    data = bytearray(path.read_bytes())
-    (length,) = struct.unpack("<Q", data[8:16])
-    meta = json.loads(data[16 : 16 + length])
-    per = meta["payload_bytes"] // (2 * meta["shape"][0])
-    data[16 + length + 32 + 2 * layer * per + 7] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 def test_reuse_from_host_and_disk_is_the_device_answer(smollm2: tuple[Any, Any], tmp_path: Path) -> None:
@@ -50,7 +40,7 @@ def test_reuse_from_host_and_disk_is_the_device_answer(smollm2: tuple[Any, Any],
     # may already have been computed), a recompute for the next one, the same answer
     for key in keys:
         store.demote(key, "disk")
-    _corrupt_layer(tmp_path / f"{keys[2]}.kv", 17)
+    corrupt_layer(tmp_path / f"{keys[2]}.kv", 17)
     with pytest.raises(StoreError, match="checksum mismatch in layer 17"):
         rag.answer(q.docs, q.question, mode="reuse", max_new_tokens=8)
     store.audit()  # every page owned once, none lost to the failed request

@@ -3,14 +3,13 @@ a layer ready before the chunk is whole, and a corrupt layer that fails only wha
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 from kvfuse import StoreError
 from kvfuse.store import KVPool, Namespace, TieredStore, plan
+from storecases import corrupt_layer, same_bits
 
 NS = Namespace(model_id="tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
 
@@ -24,10 +23,6 @@ def _kv(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 def _layer(store: TieredStore, pages: list[int], layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor(pages)
     return tuple(pool[layer][ids].flatten(0, 1)[:n] for pool in (store.pool.k, store.pool.v))  # type: ignore[return-value]
-
-
-def _equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
 
 
 def _scattered_store(tmp_path: Path, tier: str) -> tuple[TieredStore, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -60,36 +55,25 @@ def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, ti
         for layer in range(NS.num_layers):
             loading.wait(layer)
             for key, pages in zip("ab", p.pages):
-                assert _equal(_layer(store, pages, layer, 10), (kv[key][0][layer], kv[key][1][layer]))
+                assert same_bits(_layer(store, pages, layer, 10), (kv[key][0][layer], kv[key][1][layer]))
         store.audit()
     assert store.tier("a") == "device" and store.stats.hits[tier] == 2
     assert store.stats.bytes_moved[f"{tier}->device"] == 2 * store._nbytes(10)
 
 
-def _corrupt_layer(path: Path, layer: int) -> None:
-    """Flip one byte of ``layer``'s V in a chunk file (its header stays valid)."""
-    data = bytearray(path.read_bytes())
-    (length,) = struct.unpack("<Q", data[8:16])
-    meta = json.loads(data[16 : 16 + length])
-    per = meta["payload_bytes"] // (2 * meta["shape"][0])
-    at = 16 + length + 32 + (2 * layer + 1) * per + 5
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path) -> None:
     store, kv = _scattered_store(tmp_path, "disk")
-    _corrupt_layer(tmp_path / "a.kv", 2)
+    corrupt_layer(tmp_path / "a.kv", 2)
     loading = store.loading()
     with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
         for layer in (0, 1):
             loading.wait(layer)  # verified before they count as moved
-            assert _equal(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
+            assert same_bits(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
         with pytest.raises(StoreError, match=r"chunk a \(layers 2-3\): payload checksum mismatch in layer 2"):
             loading.wait(2)
         try:  # layer 3 may have been moved (and verified) by the other mover meanwhile
             loading.wait(3)
-            assert _equal(_layer(store, p.pages[0], 3, 10), (kv["a"][0][3], kv["a"][1][3]))
+            assert same_bits(_layer(store, p.pages[0], 3, 10), (kv["a"][0][3], kv["a"][1][3]))
         except StoreError as exc:
             assert "mismatch in layer 2" in str(exc)
         with pytest.raises(StoreError):
@@ -113,7 +97,7 @@ def test_host_chunks_move_whole_to_a_cpu_pool(tmp_path: Path) -> None:
     with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
         assert not loading.promotions  # nothing left to wait for
         for layer in range(NS.num_layers):
-            assert _equal(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
+            assert same_bits(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
 
 
 def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None:
@@ -121,8 +105,8 @@ def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None
     pages = store.fetch("b")
     assert pages is not None
     for layer in range(NS.num_layers):
-        assert _equal(_layer(store, pages, layer, 10), (kv["b"][0][layer], kv["b"][1][layer]))
-    _corrupt_layer(tmp_path / "a.kv", 3)
+        assert same_bits(_layer(store, pages, layer, 10), (kv["b"][0][layer], kv["b"][1][layer]))
+    corrupt_layer(tmp_path / "a.kv", 3)
     assert store.fetch("a") is None and store.tier("a") is None  # checked to the last layer
     store.audit()
 
