@@ -267,7 +267,7 @@ class TieredStore:
         ``loading`` (and a holder), a promotion is only started: wait on ``loading``
         before reading a layer."""
         if loading is not None and holder is None:
-            raise StoreError("fetch with a loading needs a holder: the pages must stay pinned while they fill")
+            raise InvalidValueError("holder", "a holder with loading= (the pages stay pinned while they fill)", None)
         with self._lock:
             e = self._settled(key, loading)
             if e is None and self.disk is not None and self.disk.exists(key):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvfuse import StoreError
+from kvfuse import InvalidValueError, StoreError
 from kvfuse.store import KVPool, Namespace, TieredStore, plan
 from storecases import corrupt_layer, same_bits
 
@@ -113,9 +113,17 @@ def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None
 
 def test_a_loading_needs_a_holder(tmp_path: Path) -> None:
     store, _ = _scattered_store(tmp_path, "host")
-    with pytest.raises(StoreError, match="needs a holder"):
+    with pytest.raises(InvalidValueError, match="argument 'holder'"):
         store.fetch("a", loading=store.loading())
     assert store.tier("a") == "host"
+    with pytest.raises(InvalidValueError, match=r"argument 'to'.*received remote"):
+        store.demote("x", "remote")
+    assert store.tier("x") == "device"
+    no_disk = TieredStore(NS, KVPool(NS, 4), host_bytes=1 << 20)
+    no_disk.put("x", *_kv(1, 8))
+    with pytest.raises(InvalidValueError, match="argument 'to'"):
+        no_disk.demote("x", "disk")
+    assert no_disk.tier("x") == "device"
 
 
 def test_discard_forgets_a_chunk_on_every_local_tier(tmp_path: Path) -> None:
