@@ -117,9 +117,9 @@ def tier_sweep(
     import tempfile
 
     import kvfuse.hf
-    from kvfuse._bench_store import drop_cache
     from kvfuse.rag import RagPipeline
     from kvfuse.rag._pipeline import default_pages
+    from kvfuse.store._direct import drop_cache
 
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
     rows = []

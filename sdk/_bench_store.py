@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kvfuse.store._direct import drop_cache
 
 GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "page_size": 16}  # SmolLM2-135M's KV
 
@@ -45,21 +45,6 @@ def _timed(setup: Callable[[], object], fn: Callable[[], object], repeat: int) -
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
-
-
-def drop_cache(paths: list[Path]) -> bool:
-    """Evict ``paths`` from the page cache (fsync'ed files: clean pages); False where the OS
-    offers no way (then reads are warm and the result says so)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
 
 
 def _read_files(paths: list[Path], into: bytearray) -> None:

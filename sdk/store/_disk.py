@@ -48,7 +48,9 @@ from typing import IO, Annotated, Literal
 import torch
 from kvfuse._errors import StoreError
 from kvfuse.store._auth import header_digest
+from kvfuse.store._direct import read_cached, read_direct, reopen_direct
 from kvfuse.store._keys import DTYPES, Namespace
+from kvfuse.store._pool import bytes_of
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"KVFUSE\x00\x02"
@@ -229,8 +231,9 @@ class ChunkReader:
     into the caller's buffers (several layers may be read from several threads at once).
     Close it when done."""
 
-    def __init__(self, fd: int, meta: ChunkHeader, offset: int, path: Path) -> None:
+    def __init__(self, fd: int, meta: ChunkHeader, offset: int, path: Path, direct: int | None = None) -> None:
         self.fd, self.meta, self.offset, self.path = fd, meta, offset, path
+        self.direct = direct  # the same file open for direct reads (``_direct``), or None
         self.key = meta.key
         self.num_tokens = meta.shape[1]
         self.layer_bytes = meta.payload_bytes // max(1, 2 * meta.shape[0])  # one layer's K (or V)
@@ -258,6 +261,10 @@ class ChunkReader:
             _check_layer(self.meta, i, k[j], v[j])
 
     def _pread(self, pieces: list[memoryview], at: int) -> None:
+        if self.direct is not None and not read_cached(self.fd, pieces, at):
+            if read_direct(self.direct, pieces, at) < sum(p.nbytes for p in pieces):
+                raise ChunkRejected("truncated payload")
+            return
         done = 0
         while pieces:  # preadv may read less than asked: go on from where it stopped
             n = os.preadv(self.fd, pieces, at + done)
@@ -271,13 +278,17 @@ class ChunkReader:
                 pieces = [pieces[0][n:], *pieces[1:]]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for fd in (self.fd, self.direct):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class DiskTier:
     """One directory of chunk files. ``rejected`` counts entries that failed a check
-    (quarantined), ``errors`` OS errors while reading."""
+    (quarantined), ``errors`` OS errors while reading. ``direct``: payloads the page
+    cache does not hold are read with direct I/O where the file system allows it (see
+    ``_direct``); False reads buffered."""
 
     def __init__(self, root: str | os.PathLike[str], namespace: Namespace, *, mac_key: bytes | None = None) -> None:
         self.root = Path(root)
@@ -292,6 +303,7 @@ class DiskTier:
         self.quarantined = 0
         self.rejected = 0
         self.errors = 0
+        self.direct = True
         self._remove_stale_temporaries()
 
     def path(self, key: str) -> Path:
@@ -334,7 +346,8 @@ class DiskTier:
         try:
             with self._open(path) as (f, size, _):
                 meta = read_header(f, size, key, self.namespace, self.mac_key)
-                return ChunkReader(os.dup(f.fileno()), meta, f.tell(), path)
+                direct = reopen_direct(f.fileno()) if self.direct else None
+                return ChunkReader(os.dup(f.fileno()), meta, f.tell(), path, direct)
         except FileNotFoundError:
             return None
         except ChunkRejected:
@@ -412,11 +425,6 @@ class DiskTier:
                 continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
-
-
-def bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of contiguous ``t`` on the cpu, writable in place."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=ns.torch_dtype, device=device)
         self._free = list(range(num_pages - 1, -1, -1))
         self._stage: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by read() off the cpu
+        self._bytes: tuple[memoryview, ...] | None = None  # K's and V's bytes (cpu), for byte_ranges
 
     @property
     def device(self) -> torch.device:
@@ -51,6 +52,26 @@ class KVPool:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
+
+    def byte_ranges(self, pages: list[int], num_tokens: int, layers: range) -> list[tuple[list[memoryview], ...]]:
+        """The pool's bytes (cpu pools) where ``num_tokens`` tokens laid on ``pages`` sit,
+        per layer of ``layers``: (K pieces, V pieces) in token order, one piece per run of
+        consecutive pages, writable in place. Byte arithmetic on one view of each pool:
+        no tensor is made per piece (a promotion asks for thousands)."""
+        if self._bytes is None:
+            self._bytes = (bytes_of(self.k), bytes_of(self.v))
+        ns = self.namespace
+        row = ns.num_kv_heads * ns.head_dim * self.k.element_size()
+        page = ns.page_size * row
+        spans = [
+            (first * page, min(count * ns.page_size, num_tokens - at * ns.page_size) * row)
+            for first, count, at in runs(pages)
+        ]
+        out = []
+        for i in layers:
+            base = i * self.num_pages * page
+            out.append(tuple([b[base + s : base + s + n] for s, n in spans] for b in self._bytes))
+        return out
 
     def slots(self, pages: list[int], num_tokens: int) -> torch.Tensor:
         """slot_mapping of tokens 0..num_tokens-1 laid on ``pages``: [num_tokens], int64."""
@@ -164,3 +185,8 @@ def runs(pages: list[int]) -> list[tuple[int, int, int]]:
         else:
             out.append((p, 1, i))
     return out
+
+
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous ``t`` on the cpu, writable in place."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]

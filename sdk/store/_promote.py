@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 from kvfuse._errors import StoreError
-from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier, bytes_of
-from kvfuse.store._pool import KVPool, runs
+from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier
+from kvfuse.store._pool import KVPool, bytes_of
 
 
 def promotion_steps(num_layers: int) -> list[range]:
@@ -171,17 +171,11 @@ def move_from_disk(
     the pool's pages (cpu), or a layer at a time through this thread's pinned staging
     pair (``stage``: a ``threading.local``). A rejected file is counted and quarantined."""
     ns = pool.namespace
-    ps, n = ns.page_size, reader.num_tokens
+    n = reader.num_tokens
     try:
         if pool.device.type == "cpu":
-            k_into: list[list[memoryview]] = [[] for _ in layers]
-            v_into: list[list[memoryview]] = [[] for _ in layers]
-            for first, count, at in runs(pages):
-                rows = min(count * ps, n - at * ps)
-                for j, i in enumerate(layers):
-                    k_into[j].append(bytes_of(pool.k[i, first : first + count].flatten(0, 1)[:rows]))
-                    v_into[j].append(bytes_of(pool.v[i, first : first + count].flatten(0, 1)[:rows]))
-            reader.read_layers(layers, k_into, v_into)
+            into = pool.byte_ranges(pages, n, layers)
+            reader.read_layers(layers, [k for k, _ in into], [v for _, v in into])
             return
         pair = getattr(stage, "pair", None)
         if pair is None or pair.shape[1] < n:

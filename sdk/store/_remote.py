@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from kvfuse._errors import StoreError
-from kvfuse.store._disk import bytes_of, decode, encode_parts
+from kvfuse.store._disk import decode, encode_parts
 from kvfuse.store._keys import Namespace
+from kvfuse.store._pool import bytes_of
 
 
 @dataclass(frozen=True)
