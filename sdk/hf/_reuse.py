@@ -5,14 +5,14 @@ chunks at their new positions, feeding only the question (full reuse)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from kvfuse.hf._cache import PagedCache
 from kvfuse.hf._enable import settings
 from kvfuse.hf._paged import PAGE_SIZE
-from kvfuse.store import KVPool, Namespace, Plan, TieredStore, chunk_key, plan
+from kvfuse.store import KVPool, Loading, Namespace, Plan, TieredStore, chunk_key, plan
 
 
 def namespace(model: Any, model_id: str | None = None) -> Namespace:
@@ -97,6 +97,59 @@ def generate_with_chunks(
     return out
 
 
+class SharedCores:
+    """``PagedCache.ready`` for a request whose stored chunks still move into a cpu pool:
+    while they move, torch's intra-op threads leave the store's movers their cores, and
+    get them back at the first layer after the last promotion is done.
+
+    A forward on all the cores, beside movers that read, verify and copy, runs far slower
+    than the sum of the two: every parallel op waits at its barrier for the thread that
+    lost its core. Measured on the 2-core VM, 4k-token SmolLM2 reuse with every chunk on
+    disk (190 MB of KV): median TTFT 0.37 s on two threads against 0.31 s on one while
+    the chunks move (the device tier: 0.22 s)."""
+
+    def __init__(self, loading: Loading, movers: int) -> None:
+        self.loading = loading
+        self.full = torch.get_num_threads()
+        self.lent = max(1, self.full - movers)
+        self.sharing = False
+
+    def share(self) -> None:
+        """Give the movers their cores if promotions are still moving."""
+        if self.lent < self.full and self.loading.pending:
+            torch.set_num_threads(self.lent)
+            self.sharing = True
+
+    def __call__(self, layer: int) -> None:
+        """Wait for ``layer`` (``Loading.wait``); all the cores back once nothing moves."""
+        self.loading.wait(layer)
+        if self.sharing and not self.loading.pending:
+            self.restore()
+
+    def restore(self) -> None:
+        if self.sharing:
+            torch.set_num_threads(self.full)
+            self.sharing = False
+
+
+@contextlib.contextmanager
+def _cores(store: TieredStore, loading: Loading | None) -> Iterator[Callable[[int], None] | None]:
+    """The ready callback of a request's cache (see :class:`SharedCores`), threads
+    restored however the request ends."""
+    if loading is None:
+        yield None
+        return
+    if store.pool.device.type != "cpu":
+        yield loading.wait
+        return
+    cores = SharedCores(loading, store.movers)
+    cores.share()
+    try:
+        yield cores
+    finally:
+        cores.restore()
+
+
 @contextlib.contextmanager
 def reused(
     model: Any,
@@ -117,6 +170,6 @@ def reused(
             loading.wait_all()  # the misses are computed after their stored context
         fill_misses(model, store, p, chunks, after)
         prefix = list(zip(p.pages, p.lengths, p.positions))
-        with PagedCache(model, store=store, prefix=prefix, split=split) as cache:
-            cache.ready = loading.wait if loading is not None else None
+        with PagedCache(model, store=store, prefix=prefix, split=split) as cache, _cores(store, loading) as ready:
+            cache.ready = ready
             yield cache, p

@@ -123,10 +123,12 @@ class Loading:
         self._movers = movers
         self.promotions: list[Promotion] = []
         self._ready: set[int] = set()  # layers known in the pool for every promotion (decode steps skip the checks)
+        self._pending = False  # some promotion may still move
 
     def add(self, p: Promotion) -> None:
         self.promotions.append(p)
         self._ready.clear()
+        self._pending = True
 
     def start(self) -> None:
         """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
@@ -135,6 +137,13 @@ class Loading:
         tasks = sorted((r.start, n, i) for n, p in enumerate(new) for i, r in enumerate(p.steps))
         for _, n, i in tasks:
             self._movers.submit(new[n].run_step, i)
+
+    @property
+    def pending(self) -> bool:
+        """Some promotion still moves (or has not started)."""
+        if self._pending:
+            self._pending = any(not p.finished for p in self.promotions)
+        return self._pending
 
     def wait(self, layer: int) -> None:
         """Before a layer's attention: every chunk's ``layer`` is in the pool, or StoreError."""

@@ -172,6 +172,7 @@ class TieredStore:
         self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
         self._copies = HostCopies(pool)  # host copies given up, reused by demotions
         self._movers: ThreadPoolExecutor | None = None
+        self.movers = 2  # threads that promote chunks (read, verify, copy), started on first use
         self.host_layerwise = self.pool.device.type != "cpu"  # see "Promotion" above
         self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
         if self.disk is not None:  # rebuild the index from disk
@@ -258,7 +259,7 @@ class TieredStore:
     def _mover_pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._movers is None:
-                self._movers = ThreadPoolExecutor(2, thread_name_prefix="kvfuse-mover")
+                self._movers = ThreadPoolExecutor(self.movers, thread_name_prefix="kvfuse-mover")
             return self._movers
 
     def fetch(self, key: str, *, holder: Hashable | None = None, loading: Loading | None = None) -> list[int] | None:

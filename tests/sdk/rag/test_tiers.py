@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from storecases import corrupt_layer
 
 transformers = pytest.importorskip("transformers")
@@ -41,8 +42,10 @@ def test_reuse_from_host_and_disk_is_the_device_answer(smollm2: tuple[Any, Any],
     for key in keys:
         store.demote(key, "disk")
     corrupt_layer(tmp_path / f"{keys[2]}.kv", 17)
+    threads = torch.get_num_threads()
     with pytest.raises(StoreError, match="checksum mismatch in layer 17"):
         rag.answer(q.docs, q.question, mode="reuse", max_new_tokens=8)
+    assert torch.get_num_threads() == threads  # the cores lent to the movers came back
     store.audit()  # every page owned once, none lost to the failed request
     assert store.tier(keys[2]) is None and store.stats.rejected == 1
     again = rag.answer(q.docs, q.question, mode="reuse", max_new_tokens=8)
