@@ -166,4 +166,5 @@ def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
         assert r["gbps"] > 0 and r["tcp_gbps"] > 0
         assert r["fraction_of_tcp"] == pytest.approx(r["tcp_seconds"] / r["seconds"])
         assert r["fraction_of_clone"] == pytest.approx(r["clone_seconds"] / r["seconds"])
+        assert r["fraction_of_contiguous"] == pytest.approx(r["gbps"] / r["contiguous_gbps"])
     assert "% of TCP" in stdout
