@@ -18,6 +18,8 @@ collision-resistant; 2 GB/s on the CPU's SHA extensions, blake2b gives 1.4).
 Nothing is unpickled. Layer-major payload and per-layer digests let a reader move a chunk
 layer by layer, each layer verified before anyone may read it (:class:`ChunkReader`), so
 attention on layer 0 can start while later layers are still coming from the disk.
+Payload bytes the page cache does not hold are read with direct I/O (``_direct``), which
+leaves the kernel's copy, and the cores it takes, out of the read.
 
 Reading trusts nothing: the file must be a regular file (opened without following links
 and without blocking, so a FIFO or device never stalls a read), the header is at most
