@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvfuse.store._direct import drop_cache
 
 GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "page_size": 16}  # SmolLM2-135M's KV
 
@@ -82,6 +81,7 @@ def _workload(chunks: int, tokens: int, dtype: str) -> tuple[Any, list[str], lis
 
 def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None) -> list[dict[str, Any]]:
     from kvfuse.store import KVPool, TieredStore
+    from kvfuse.store._direct import drop_cache
 
     ns, keys, kv = _workload(chunks, tokens, dtype)
     pages = chunks * -(-tokens // ns.page_size)
