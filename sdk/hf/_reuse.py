@@ -105,8 +105,8 @@ class SharedCores:
     A forward on all the cores, beside movers that read, verify and copy, runs far slower
     than the sum of the two: every parallel op waits at its barrier for the thread that
     lost its core. Measured on the 2-core VM, 4k-token SmolLM2 reuse with every chunk on
-    disk (190 MB of KV): median TTFT 0.37 s on two threads against 0.31 s on one while
-    the chunks move (the device tier: 0.22 s)."""
+    disk (190 MB of KV), seven runs each: median TTFT 0.34 s on two threads against
+    0.30 s on one while the chunks move (the device tier: 0.21 s)."""
 
     def __init__(self, loading: Loading, movers: int) -> None:
         self.loading = loading

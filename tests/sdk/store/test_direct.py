@@ -79,6 +79,7 @@ def chunk(seed: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _cold_reader(tmp_path: Path, tokens: int = 37) -> tuple[DiskTier, object, tuple[torch.Tensor, torch.Tensor]]:
     """A chunk file's reader whose payload has just left the page cache."""
     disk = DiskTier(tmp_path, NS)
+    disk.direct = True
     k, v = chunk(3, tokens)
     disk.write("a", k, v)
     reader = disk.open("a")
@@ -118,9 +119,8 @@ def test_a_file_cut_short_under_a_direct_read_is_rejected(tmp_path: Path) -> Non
         reader.close()
 
 
-def test_direct_reads_can_be_turned_off(tmp_path: Path) -> None:
+def test_direct_reads_are_off_unless_asked_for(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, NS)
-    disk.direct = False
     disk.write("a", *chunk(3, 9))
     reader = disk.open("a")
     assert reader is not None and reader.direct is None
