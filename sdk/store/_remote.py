@@ -24,6 +24,8 @@ from kvfuse.store._disk import decode, encode_parts
 from kvfuse.store._keys import Namespace
 from kvfuse.store._pool import bytes_of
 
+OBJECT_NOT_FOUND = -704  # Mooncake Store's code for an absent key (a miss, not a failure)
+
 
 @dataclass(frozen=True)
 class RemoteConfig:
@@ -86,14 +88,11 @@ class RemoteTier:
         if not self.up:
             return None
         try:
-            exists = self.client.is_exist(key)
-            if exists < 0:
-                self._fail("lookup", f"code {exists}")
+            size = self.client.get_size(key)  # one round trip to the master, not an is_exist first
+            if size == OBJECT_NOT_FOUND or size == 0:
                 return None
-            if exists == 0:
-                return None
-            size = self.client.get_size(key)
-            if size <= 0:
+            if size < 0:
+                self._fail("lookup", f"code {size}")
                 return None
             self._reserve(size)
             got = self.client.get_into(key, self._buffer.data_ptr(), size)

@@ -63,6 +63,7 @@ def test_round_trip_between_processes_is_bit_exact(master: LocalMaster) -> None:
             assert pages is not None and same_bits(store.pool.read(pages, 10), chunk(i))
         assert store.stats.hits["remote"] == 3 and store.stats.misses == 0
         assert store.fetch("never-stored") is None and store.stats.misses == 1
+        assert store.stats.remote_failures == 0  # an absent key is a miss, not a failed lookup
     finally:
         publisher.communicate("\n", timeout=30)
 
