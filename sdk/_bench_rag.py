@@ -258,7 +258,7 @@ def _cmd(args: argparse.Namespace) -> int:
         "question_tokens": args.question_tokens,
         "ratio": args.ratio,
         "layers": args.layers,
-        "repeat": args.repeat,
+        "repeat": args.repeat or 1,
     }
     result = run_rag(device, context_tokens=args.context_tokens, split=split, **common)
     _print(result)
@@ -325,7 +325,9 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     g.add_argument("--chunks", type=int, default=8)
     g.add_argument("--question-tokens", type=int, default=64)
     g.add_argument("--layers", type=int, default=16)
-    g.add_argument("--repeat", type=int, default=1, help="runs per mode (median)")
+    p.add_argument(
+        "--repeat", type=int, help="runs per mode or tier, median (default: 1 on the random model, 3 with --tier)"
+    )
     g.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
     g.add_argument(
         "--remote",

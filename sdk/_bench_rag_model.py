@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": args.device or best_device(),
             "threads": torch.get_num_threads(),
             "tiers": tiers,
-            "results": tier_sweep(model, tok, contexts, tiers, args.max_new_tokens, args.seed),
+            "repeat": args.repeat or 3,
+            "results": tier_sweep(model, tok, contexts, tiers, args.max_new_tokens, args.seed, args.repeat or 3),
         }
 
     store = kvfuse.hf.make_store(model, num_pages=default_pages(model))
