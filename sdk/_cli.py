@@ -33,7 +33,7 @@ def device_rows(reg: Registry) -> dict[str, Any]:
     """The data of ``kvfuse devices --json``."""
     rows = []
     for dev in reg.devices():
-        caps = reg.capabilities(dev.name)
+        caps = reg.capabilities(dev.name, fresh=True)
         avail = reg.probe(dev.name)
         rows.append(
             {

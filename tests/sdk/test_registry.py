@@ -263,3 +263,32 @@ def test_cli_shows_broken_plugins(on_path: Path) -> None:
         env={**env, "KVFUSE_STRICT_PLUGINS": "1"},
     )
     assert strict.returncode != 0 and "PluginError" in strict.stderr
+
+
+def test_capabilities_are_asked_once_per_device() -> None:
+    """Every op call selects a device; the capability models are built once, not per call."""
+    from devices.reference.device import ReferenceDevice
+
+    class Counting(ReferenceDevice):
+        name = "counting"
+        priority = 1000
+        asked = 0
+
+        def capabilities(self) -> kvfuse.Capabilities:
+            Counting.asked += 1
+            return super().capabilities()
+
+    class Plugin:
+        @kvfuse.hookimpl
+        def kvfuse_devices(self) -> list[kvfuse.Device]:
+            return [Counting()]
+
+    reg = Registry()
+    assert [d.name for d in reg.register(Plugin(), name="counting")] == ["counting"]
+    req = kvfuse.Requirement(op="merge_states", dtype="fp32", head_dim=8)
+    for _ in range(5):
+        assert reg.select(req, torch.device("cpu"), None).name == "counting"
+    assert Counting.asked == 1
+    unsupported = kvfuse.Requirement(op="merge_states", dtype="fp32", head_dim=8, features=frozenset({"nope"}))
+    with pytest.raises(kvfuse.UnsupportedError):  # the kept capabilities still decide
+        reg.select(unsupported, torch.device("cpu"), "counting")
