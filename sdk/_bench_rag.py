@@ -319,15 +319,15 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
         help="only reuse TTFT with the stored chunks starting on each tier (device, host, disk), e.g. device,host,disk",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeat", type=int, help="runs per mode or tier, median (default: 1 on the random model, 3 with --tier)"
+    )
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG: TTFT vs context and quality vs ratio (needs matplotlib)")
     g = p.add_argument_group("random-weight model (--model random)")
     g.add_argument("--chunks", type=int, default=8)
     g.add_argument("--question-tokens", type=int, default=64)
     g.add_argument("--layers", type=int, default=16)
-    p.add_argument(
-        "--repeat", type=int, help="runs per mode or tier, median (default: 1 on the random model, 3 with --tier)"
-    )
     g.add_argument("--split", metavar="A,B", help="also run (b) with stored segments on A and live on B")
     g.add_argument(
         "--remote",

@@ -20,7 +20,7 @@ most of each small chunk file before any payload is read. Results:
 
 - RAG reuse from disk at 4k, over seven runs each: median TTFT 0.33 s buffered, 0.35 s
   direct;
-- ``bench store`` 8 × 512, cold and layer by layer: 110 % of the cold sequential read
+- ``bench store`` 8 × 512, cold and layer by layer: 140 % of the cold sequential read
   buffered, 64 % direct.
 
 Two changes would make it pay:
