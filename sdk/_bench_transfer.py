@@ -20,6 +20,7 @@ import torch
 from kvfuse._bench import medians
 
 PAGE_SIZE, HEADS, HEAD_DIM = 16, 8, 128
+LAYOUTS = ("scattered", "runs", "scattered-to-runs")
 
 
 def _clone(k: torch.Tensor, v: torch.Tensor) -> object:
@@ -76,11 +77,13 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
         k, v = kv[0].contiguous(), kv[1].contiguous()
         sender.register_pool(k, v)
         rows = []
-        for n, layout in itertools.product(counts, ("scattered", "runs")):
+        for n, layout in itertools.product(counts, LAYOUTS):
             if layout == "scattered":  # pages anywhere on both sides: one slice per page
                 ids, dst = torch.randperm(top)[:n].tolist(), torch.randperm(top)[:n].tolist()
-            else:  # chunks of 32 pages, consecutive on both sides as a pool lends them
+            elif layout == "runs":  # chunks of 32 pages, consecutive on both sides as a pool lends them
                 ids, dst = _runs(n, top, 32, 0), _runs(n, top, 32, 1)
+            else:  # pages anywhere here, into runs of 32 there: gathered into the stage, a slice per run
+                ids, dst = torch.randperm(top)[:n].tolist(), _runs(n, top, 32, 1)
             src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
             send = functools.partial(lambda i, d: sender.send_pages(k, v, i, desc, d).wait())
             secs, whole, tcp, base = medians(
@@ -125,7 +128,7 @@ def _cmd(args: argparse.Namespace) -> int:
     print(f"page = {PAGE_SIZE} tokens x {HEADS} kv heads x {HEAD_DIM} dims, bf16, K and V; Mooncake TCP, 127.0.0.1")
     for r in rows:
         print(
-            f"  {r['pages']:5d} pages {r['layout']:9} {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
+            f"  {r['pages']:5d} pages {r['layout']:17} {r['bytes'] / 2**20:9.2f} MiB  {r['seconds'] * 1e3:9.3f} ms  "
             f"{r['gbps']:7.2f} GB/s   raw TCP {r['tcp_gbps']:6.2f} GB/s  {100 * r['fraction_of_tcp']:6.1f} % of TCP"
             f"   one slice {r['contiguous_gbps']:6.2f} GB/s   clone {r['clone_gbps']:7.2f} GB/s"
         )

@@ -160,7 +160,7 @@ def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
     pytest.importorskip("mooncake.engine")
     data, stdout = _bench(tmp_path, "transfer", "--pages", "4,16", "--repeat", "1")
     assert {(r["pages"], r["layout"]) for r in data["results"]} == {
-        (n, layout) for n in (4, 16) for layout in ("scattered", "runs")
+        (n, layout) for n in (4, 16) for layout in ("scattered", "runs", "scattered-to-runs")
     }
     for r in data["results"]:
         assert r["gbps"] > 0 and r["tcp_gbps"] > 0

@@ -97,6 +97,36 @@ def test_many_batches_in_flight_with_runs_and_scattered_pages_arrive_bit_exact(s
         peer.close()
 
 
+def test_scattered_sources_to_destination_runs_go_gathered_in_few_slices(
+    sender: MooncakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sources anywhere, destinations in runs (a decode pool lending fresh pages): the
+    pages are gathered into the registered stage in destination order and sent as one
+    slice per run and batch; a later, larger send grows the stage. Every page bit-exact."""
+    import kvfuse.transfer._mooncake as mc
+
+    slices: list[int] = []
+    real = mc._slices
+    monkeypatch.setattr(mc, "_slices", lambda *a: slices.append(len((r := real(*a))[2])) or r)
+    peer = Peer(num_pages=1200)
+    try:
+        k, v = _pool(700)
+        sender.register_pool(k, v)
+        g = torch.Generator().manual_seed(3)
+        for n, first in ((300, 0), (640, 500)):
+            slices.clear()
+            src = torch.randperm(700, generator=g)[:n].tolist()
+            dst = list(range(first, first + n))
+            mix = torch.randperm(n, generator=g).tolist()  # pairs given in any order
+            sender.send_pages(k, v, [src[i] for i in mix], peer.descriptor, [dst[i] for i in mix]).wait(timeout=120)
+            assert sum(slices) <= 2 * -(-n // mc.BATCH_PAGES)  # K and V: one slice per batch, not per page
+            peer.ask(op="valid", pages=dst)
+            got = peer.ask(op="digest", pages=dst)["digests"]
+            assert got == [page_digest(k, v, s) for s in src]
+    finally:
+        peer.close()
+
+
 def test_peer_killed_mid_transfer_names_the_pages(sender: MooncakeTransport) -> None:
     peer = Peer(num_pages=4096)
     k, v = _pool(4096)
