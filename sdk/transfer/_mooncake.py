@@ -4,7 +4,9 @@ Both pools are registered memory; a send is one-sided writes of whole pages (K a
 the peer's pool: pages consecutive on both sides merge into one slice, and the slices go
 in batches of ``BATCH_PAGES`` pages, ``IN_FLIGHT`` batches submitted before the first is
 awaited (``batch_transfer_async_write``), so the engine always has work queued; a failed
-batch names the pages from its first on as lost. Over TCP here (``P2PHANDSHAKE``
+batch names the pages from its first on as lost. Where the destinations run but the
+sources do not, the pages are first gathered in destination order into a registered
+stage, so each destination run is one slice (``_gathered``). Over TCP here (``P2PHANDSHAKE``
 metadata, no server needed); RDMA by configuration (``protocol="rdma"``, ``devices``: the
 NICs): there the engine's writes are the NIC's, the CPU only posts them, and the batching
 matters less than the slice count.
