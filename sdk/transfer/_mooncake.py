@@ -144,7 +144,11 @@ class MooncakeTransport(Transport):
         gathered in destination order into this transport's registered stage, as (stage K,
         stage V, their ids there, the destinations): one slice per destination run instead
         of one per page (Mooncake's TCP transport pays per slice; the gather runs at the
-        memory's speed). None where it would not merge at least half the slices."""
+        memory's speed). None where it would not merge at least half the slices.
+
+        k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], any dtype (the
+        stage takes it)
+        """
         order = sorted(range(len(dst_ids)), key=dst_ids.__getitem__)
         dsts = [dst_ids[j] for j in order]
         dst_runs = 1 + sum(1 for a, b in itertools.pairwise(dsts) if b != a + 1) if dsts else 0
