@@ -296,6 +296,13 @@ def _plot(device: str, top: int, common: dict[str, Any], path: str, last: dict[s
     print(f"  plot written to {path}")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number ≥ 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     p = bench_sub.add_parser(
         "rag", help="RAG on a trained model: answer quality and TTFT of HF vs kvfuse full / reuse / blend"
@@ -320,7 +327,9 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--repeat", type=int, help="runs per mode or tier, median (default: 1 on the random model, 3 with --tier)"
+        "--repeat",
+        type=_positive,
+        help="runs per mode or tier, median (default: 1 on the random model, 3 with --tier)",
     )
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG: TTFT vs context and quality vs ratio (needs matplotlib)")

@@ -124,15 +124,16 @@ def tier_sweep(
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvfuse-bench-tier-") as root:
-        tiers_kw = {"host_bytes": 8 << 30, "disk_dir": root, "disk_bytes": 32 << 30}
-        store = kvfuse.hf.make_store(model, default_pages(model), **tiers_kw)
+        store = kvfuse.hf.make_store(
+            model, default_pages(model), host_bytes=8 << 30, disk_dir=root, disk_bytes=32 << 30
+        )
         rag = RagPipeline(model, tok, store=store)
         whole = RagPipeline(model, tok, store=store, layerwise=False)
         for n in contexts:
             q = _question(rag, n, limit, seed)
             p = rag.prompt(q.docs, q.question)
             rag.ingest(q.docs)
-            keys, ns = rag.keys(p.chunks, after=0), store.namespace
+            keys = rag.keys(p.chunks, after=0)
             files = [store.disk.path(k) for k in keys] if store.disk is not None else []
             base: float | None = None
             answers: dict[str, list[int]] = {}
@@ -157,8 +158,7 @@ def tier_sweep(
                         "context_tokens": len(p.ids),
                         "tier": tier,
                         "chunks": len(keys),
-                        "kv_bytes": sum(2 * ns.num_layers * len(c) * ns.num_kv_heads * ns.head_dim for c in p.chunks)
-                        * ns.torch_dtype.itemsize,
+                        "kv_bytes": sum(store.namespace.chunk_nbytes(len(c)) for c in p.chunks),
                         "ttft_reuse_s": ttft,
                         "ttft_reuse_whole_s": statistics.median(times["whole"]),
                         "vs_device": ttft / base if base else None,

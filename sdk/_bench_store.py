@@ -131,9 +131,9 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
         src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
         memcpy = _timed(lambda: None, lambda: dst.copy_(src), repeat)
         host = _timed(down("host"), fetch_all, repeat)
-        store.host_layerwise = True  # the mechanism, measured (on the cpu the store moves host chunks whole)
+        default, store.host_layerwise = store.host_layerwise, True  # the mechanism, measured (the cpu moves them whole)
         host_first, host_layerwise = layerwise_medians(down("host"))
-        store.host_layerwise = store.pool.device.type != "cpu"
+        store.host_layerwise = default
         for name, secs, first in (("host->device", host, None), ("host->device/layerwise", host_layerwise, host_first)):
             results.append(
                 {

@@ -85,7 +85,10 @@ def run_transfer(counts: list[int], repeat: int = 5, dtype: str = "bf16") -> lis
             else:  # pages anywhere here, into runs of 32 there: gathered into the stage, a slice per run
                 ids, dst = torch.randperm(top)[:n].tolist(), _runs(n, top, 32, 1)
             src_k, src_v = k[:n], v[:n]  # the same bytes, contiguous, for the local baseline
-            send = functools.partial(lambda i, d: sender.send_pages(k, v, i, desc, d).wait())
+
+            def send(i: list[int], d: list[int]) -> None:
+                sender.send_pages(k, v, i, desc, d).wait()
+
             secs, whole, tcp, base = medians(
                 [
                     functools.partial(send, ids, dst),

@@ -43,6 +43,10 @@ class Namespace(BaseModel):
         """Shape of one chunk's K (or V): [num_layers, num_tokens, num_kv_heads, head_dim]."""
         return (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
 
+    def chunk_nbytes(self, num_tokens: int) -> int:
+        """Bytes of one chunk's K and V together."""
+        return 2 * self.num_layers * num_tokens * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
+
 
 def chunk_key(
     namespace: Namespace, token_ids: list[int] | torch.Tensor, context: list[int] | torch.Tensor | None = None

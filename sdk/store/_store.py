@@ -514,8 +514,7 @@ class TieredStore:
     # -- placement and eviction -------------------------------------------------------------
 
     def _nbytes(self, num_tokens: int) -> int:
-        ns = self.namespace
-        return 2 * ns.num_layers * num_tokens * ns.num_kv_heads * ns.head_dim * self.namespace.torch_dtype.itemsize
+        return self.namespace.chunk_nbytes(num_tokens)
 
     def _alloc(self, need: int) -> list[int]:
         self._reap()

@@ -15,7 +15,6 @@ matters less than the slice count.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import threading
 from typing import Any
 
@@ -150,11 +149,9 @@ class MooncakeTransport(Transport):
         stage takes it)
         """
         order = sorted(range(len(dst_ids)), key=dst_ids.__getitem__)
-        dsts = [dst_ids[j] for j in order]
-        dst_runs = 1 + sum(1 for a, b in itertools.pairwise(dsts) if b != a + 1) if dsts else 0
-        if 2 * dst_runs > _runs_on_both(src_ids, dst_ids):
+        n, dsts = len(order), [dst_ids[j] for j in order]
+        if 2 * len(_runs(list(range(n)), dsts)) > len(_runs(src_ids, dst_ids)):  # staged: the runs of dsts
             return None
-        n = len(order)
         stage = self._stage
         shape = (max(n, 64), *k_pages.shape[1:])
         if stage is None or stage[0].shape[0] < n or stage[0].shape[1:] != shape[1:] or stage[0].dtype != k_pages.dtype:
@@ -177,10 +174,16 @@ class MooncakeTransport(Transport):
         self._registered.clear()
 
 
-def _runs_on_both(srcs: list[int], dsts: list[int]) -> int:
-    """How many slices :func:`_slices` makes of each of K and V."""
-    pairs = sorted(zip(srcs, dsts))
-    return (1 if pairs else 0) + sum(1 for (s, d), (t, e) in itertools.pairwise(pairs) if t != s + 1 or e != d + 1)
+def _runs(srcs: list[int], dsts: list[int]) -> list[list[int]]:
+    """The pairs ``srcs[i] -> dsts[i]`` as runs consecutive on both sides: [first src,
+    first dst, count], one slice each."""
+    runs: list[list[int]] = []
+    for s, d in sorted(zip(srcs, dsts)):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return runs
 
 
 def _slices(
@@ -188,12 +191,7 @@ def _slices(
 ) -> tuple[list[int], list[int], list[int]]:
     """(local addresses, remote addresses, lengths) of the K and V slices that move pages
     ``srcs`` to ``dsts``: a run consecutive on both sides is one slice."""
-    runs: list[list[int]] = []  # [first src, first dst, count]
-    for s, d in sorted(zip(srcs, dsts)):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1][2] += 1
-        else:
-            runs.append([s, d, 1])
+    runs = _runs(srcs, dsts)
     local, remote, lengths = [], [], []
     for src_base, dst_base in ((k_pages.data_ptr(), peer["k_addr"]), (v_pages.data_ptr(), peer["v_addr"])):
         for s, d, n in runs:

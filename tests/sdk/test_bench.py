@@ -168,3 +168,10 @@ def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
         assert r["fraction_of_clone"] == pytest.approx(r["clone_seconds"] / r["seconds"])
         assert r["fraction_of_contiguous"] == pytest.approx(r["gbps"] / r["contiguous_gbps"])
     assert "% of TCP" in stdout
+
+
+@pytest.mark.parametrize("repeat", ["0", "-2", "three"])
+def test_bench_rag_refuses_a_repeat_below_one(repeat: str) -> None:
+    cmd = [sys.executable, "-m", "kvfuse", "bench", "rag", f"--repeat={repeat}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and f"argument --repeat: expected a whole number >= 1, got '{repeat}'" in res.stderr
