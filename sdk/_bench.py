@@ -6,7 +6,9 @@ mask; on CUDA: the flash backend (memory-efficient for fp32) with repeated heads
 bottom-right causal bias);
 page moves with warm memcpy of the same bytes into an existing buffer (the memory's limit)
 and with ``torch.clone``, on the device's torch device. Times are medians of ``--repeat``
-runs after a warm-up, device and baselines interleaved.
+runs after a warm-up, device and baselines interleaved; each move and its memcpy start
+with the cache flushed (``FLUSH_BYTES`` overwritten, as ``triton.testing.do_bench`` does),
+and clone is timed apart, since its fresh pages' faults disturb whatever runs next.
 """
 
 from __future__ import annotations
@@ -73,20 +75,37 @@ def worker(module: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def medians(fns: list[Callable[[], object]], repeat: int, device: torch.device) -> list[float]:
+def medians(
+    fns: list[Callable[[], object]],
+    repeat: int,
+    device: torch.device,
+    before: Callable[[], object] | None = None,
+) -> list[float]:
     """Medians of ``repeat`` timed runs of each after one warm-up of each, interleaved
-    (the GPU synchronised around every run)."""
+    (the GPU synchronised around every run); ``before`` runs untimed ahead of each."""
     for f in fns:
         f()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for i, f in enumerate(fns):
+            if before is not None:
+                before()
             _sync(device)
             start = time.perf_counter()
             f()
             _sync(device)
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+FLUSH_BYTES = 256 << 20  # several times any last-level cache, as triton.testing.do_bench
+
+
+def cache_flusher(device: torch.device) -> Callable[[], object]:
+    """Overwrites ``FLUSH_BYTES`` on ``device``, so that a move timed next finds none of its
+    bytes in cache, and neither does its baseline."""
+    junk = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    return lambda: junk.fill_(1)
 
 
 def _median_pair(
@@ -258,8 +277,12 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
         "scatter_pages": lambda: kvfuse.scatter_pages(k_buf, v_buf, dst[0], dst[1], dst_ids, device=device),
         "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
     }
+    # clone on its own: its fresh pages' faults and their unmapping would disturb the runs
+    # after it; every timed move and memcpy starts with no byte of it in cache
+    (clone_secs,) = medians([clone], repeat, tdev)
+    flush = cache_flusher(tdev)
     for op, fn in ops.items():
-        secs, memcpy_secs, clone_secs = medians([fn, memcpy, clone], repeat, tdev)
+        secs, memcpy_secs = medians([fn, memcpy], repeat, tdev, before=flush)
         name, _, variant = op.partition("/")
         yield BenchResult(
             name,

@@ -1,4 +1,4 @@
-"""cpu moves: bit copies, as 64-bit words where rows allow and in the tensor's dtype where not."""
+"""cpu moves: bit copies, as 128- or 64-bit words where rows allow and in the tensor's dtype where not."""
 
 from __future__ import annotations
 
@@ -15,11 +15,20 @@ def _pool(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor
     return torch.randint(-(2**31), 2**31 - 1, shape, generator=g, dtype=torch.int32).view(torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("row", [(16, 2, 64), (1, 1, 3)])  # 64-bit words, and 6- or 12-byte rows
+WIDTH = {  # (row, dtype) -> the word the rows move as, in bytes
+    ((16, 2, 64), torch.float32): 16,
+    ((16, 2, 64), torch.bfloat16): 16,
+    ((1, 1, 4), torch.bfloat16): 8,
+    ((1, 1, 6), torch.float32): 8,
+    ((1, 1, 3), torch.float32): 0,
+    ((1, 1, 3), torch.bfloat16): 0,
+}
+
+
+@pytest.mark.parametrize(("row", "dtype"), list(WIDTH))
 def test_moves_are_bit_copies(dtype: torch.dtype, row: tuple[int, ...]) -> None:
     k, v = _pool((40, *row), dtype, 1), _pool((40, *row), dtype, 2)
-    assert (moves._words(k) is None) == (row == (1, 1, 3))
+    assert moves._width(k) == WIDTH[row, dtype]
     ids = torch.tensor([7, 0, 39, 12], dtype=torch.int32)
     kb, vb = moves.gather_pages(k, v, ids)
     assert torch.equal(kb.view(torch.uint8), k[ids.long()].view(torch.uint8))
@@ -33,3 +42,25 @@ def test_moves_are_bit_copies(dtype: torch.dtype, row: tuple[int, ...]) -> None:
     untouched = torch.ones(40, dtype=torch.bool)
     untouched[ids.long()] = False
     assert (dv[untouched].view(torch.uint8) == 0).all()
+
+
+def test_wide_words_keep_signalling_nans() -> None:
+    """complex128 rows whose every double is a signalling NaN with a payload, and a pool
+    only 8-byte aligned: every move keeps every bit."""
+    g = torch.Generator().manual_seed(3)
+    payload = torch.randint(1, 2**50, (41, 4, 2, 4), generator=g, dtype=torch.int64)
+    bits = payload | (0x7FF << 52) | torch.randint(0, 2, payload.shape, generator=g, dtype=torch.int64) << 63
+    pool = bits.view(torch.float32)  # 4 tokens x 2 heads x 8 fp32 = 256-byte rows
+    k, v = pool[:20], pool[20:40]
+    assert moves._width(k) == 16
+    odd = pool.view(-1)[2 : 2 + k.numel()].view(k.shape)  # 8 bytes further on
+    assert moves._width(odd) == 8
+    ids = torch.tensor([3, 19, 0, 7], dtype=torch.int32)
+    for src in (k, odd):
+        kb, vb = moves.gather_pages(src, v, ids)
+        assert torch.equal(kb.view(torch.int32), src[ids.long()].view(torch.int32))
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        moves.scatter_pages(kb, vb, dk, dv, ids)
+        moves.copy_pages(src, v, ids, dk, dv, ids + 0)
+        assert torch.equal(dk[ids.long()].view(torch.int32), src[ids.long()].view(torch.int32))
+        assert torch.equal(dv[ids.long()].view(torch.int32), v[ids.long()].view(torch.int32))
