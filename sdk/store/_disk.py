@@ -50,7 +50,7 @@ from typing import IO, Annotated, Literal
 import torch
 from kvfuse._errors import StoreError
 from kvfuse.store._auth import header_digest
-from kvfuse.store._direct import read_cached, read_direct, reopen_direct
+from kvfuse.store._direct import read_direct, reopen_direct, resident
 from kvfuse.store._keys import DTYPES, Namespace
 from kvfuse.store._pool import bytes_of
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -263,8 +263,9 @@ class ChunkReader:
             _check_layer(self.meta, i, k[j], v[j])
 
     def _pread(self, pieces: list[memoryview], at: int) -> None:
-        if self.direct is not None and not read_cached(self.fd, pieces, at):
-            if read_direct(self.direct, pieces, at) < sum(p.nbytes for p in pieces):
+        want = sum(p.nbytes for p in pieces)
+        if self.direct is not None and not resident(self.fd, at, want):
+            if read_direct(self.direct, pieces, at) < want:
                 raise ChunkRejected("truncated payload")
             return
         done = 0
@@ -290,7 +291,7 @@ class DiskTier:
     """One directory of chunk files. ``rejected`` counts entries that failed a check
     (quarantined), ``errors`` OS errors while reading. ``direct = True``: payloads the
     page cache does not hold are read with direct I/O where the file system allows it
-    (see ``_direct``); off by default, as it measured slower here."""
+    (see ``_direct``, which says how; off by default, as it measured slower here)."""
 
     def __init__(self, root: str | os.PathLike[str], namespace: Namespace, *, mac_key: bytes | None = None) -> None:
         self.root = Path(root)
@@ -347,6 +348,8 @@ class DiskTier:
         path = self.path(key)
         try:
             with self._open(path) as (f, size, _):
+                if self.direct and hasattr(os, "posix_fadvise"):  # no read-ahead to fetch twice
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
                 meta = read_header(f, size, key, self.namespace, self.mac_key)
                 direct = reopen_direct(f.fileno()) if self.direct else None
                 return ChunkReader(os.dup(f.fileno()), meta, f.tell(), path, direct)

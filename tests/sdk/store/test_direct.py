@@ -1,6 +1,6 @@
 """Direct reads of chunk payloads: exact bytes from any offset into any pieces, the page
-cache first when it holds them, a short file a short read, and a chunk file read cold
-through the direct path verified like any other."""
+cache first when it holds them (asked without reading), a short file a short read, and a
+chunk file read cold through the direct path verified like any other."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvfuse.store import Namespace, _direct
-from kvfuse.store._direct import drop_cache, read_cached, read_direct, reopen_direct
+from kvfuse.store._direct import drop_cache, read_direct, reopen_direct, resident
 from kvfuse.store._disk import ChunkRejected, DiskTier
 
 DATA = os.urandom(3 * _direct.BLOCK + 1234)
@@ -56,14 +56,18 @@ def test_read_direct_gives_the_files_bytes_from_any_offset_into_any_pieces(
     assert b"".join(bytes(p) for p in pieces)[:filled] == expected
 
 
-def test_read_cached_reads_only_what_the_page_cache_holds(data_file: Path) -> None:
+def test_resident_says_what_the_page_cache_holds_and_reads_nothing(data_file: Path) -> None:
     fd, dfd = _direct_fd(data_file)
     try:
-        piece = memoryview(bytearray(5000))
         os.pread(fd, len(DATA), 0)  # now cached
-        assert read_cached(fd, [piece], 100) and bytes(piece) == DATA[100:5100]
+        assert resident(fd, 100, 5000) and resident(fd, len(DATA) - 1, 1) and resident(fd, 7, 0)
         drop_cache([data_file])
-        assert not read_cached(fd, [memoryview(bytearray(5000))], 100)  # EAGAIN: the disk's to read
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a read of one page brings in only it
+        os.pread(fd, 10, 0)
+        assert resident(fd, 0, 10)
+        assert not resident(fd, 100, 5000)  # spans the page not read
+        for _ in range(3):  # asking does not read: the answer stays no
+            assert not resident(fd, _direct.BLOCK, 2 * _direct.BLOCK)
     finally:
         os.close(fd), os.close(dfd)
 
