@@ -7,9 +7,12 @@ machine's limits, measured in the same run on the same bytes:
   buffer (``fraction_of_cold_read``); and with the files in the page cache against a
   cached read (``fraction_of_cached_read``). Each layer's digest is checked in the time.
 
-Each timed promotion is of every chunk (``fetch``); between runs the chunks are sent back
-down (``demote``), untimed. ``first_layer_s``: a layer-wise promotion (``Loading``) until
-layer 0 of every chunk is in the pool: when a request can start computing.
+The pool lives on ``--device``'s torch device (default: the best available kvfuse device;
+on a GPU, host copies are pinned and memcpy is the same bytes host → GPU, and every timed
+run ends with the GPU synchronised). Each timed promotion is of every chunk (``fetch``);
+between runs the chunks are sent back down (``demote``), untimed. ``first_layer_s``: a
+layer-wise promotion (``Loading``) until layer 0 of every chunk is in the pool: when a
+request can start computing.
 
 ``--remote``: the remote tier's get path (Mooncake Store over TCP on 127.0.0.1 → checks →
 device pool) against raw TCP between the same two processes (``fraction_of_tcp``): a
@@ -35,13 +38,18 @@ import torch
 GEOMETRY = {"layers": 30, "kv_heads": 3, "head_dim": 64, "page_size": 16}  # SmolLM2-135M's KV
 
 
-def _timed(setup: Callable[[], object], fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs, ``setup`` (untimed) before each."""
+def _timed(
+    setup: Callable[[], object], fn: Callable[[], object], repeat: int, device: torch.device | None = None
+) -> float:
+    """Median seconds of ``fn`` over ``repeat`` runs, ``setup`` (untimed) before each; on
+    a GPU ``device``, until it has finished all that ``fn`` queued."""
     times = []
     for _ in range(repeat + 1):  # the first is a warm-up
         setup()
         start = time.perf_counter()
         fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -79,16 +87,20 @@ def _workload(chunks: int, tokens: int, dtype: str) -> tuple[Any, list[str], lis
     return ns, [f"bench-{i}" for i in range(chunks)], kv
 
 
-def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None) -> list[dict[str, Any]]:
+def run_store(
+    chunks: int, tokens: int, dtype: str, repeat: int, root: str | None = None, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Promotions into a pool on the torch ``device``."""
     from kvfuse.store import KVPool, TieredStore
     from kvfuse.store._direct import drop_cache
 
+    dev = torch.device(device)
     ns, keys, kv = _workload(chunks, tokens, dtype)
     pages = chunks * -(-tokens // ns.page_size)
     nbytes = chunks * 2 * kv[0][0].numel() * kv[0][0].element_size()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=root, prefix="kvfuse-bench-store-") as tmp:
-        store = TieredStore(ns, KVPool(ns, pages), host_bytes=2 * nbytes, disk_dir=tmp, disk_bytes=4 * nbytes)
+        store = TieredStore(ns, KVPool(ns, pages, dev), host_bytes=2 * nbytes, disk_dir=tmp, disk_bytes=4 * nbytes)
         for key, (k, v) in zip(keys, kv):
             store.put(key, k, v)
         files = [Path(tmp) / f"{key}.kv" for key in keys]
@@ -116,6 +128,8 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
             loading.wait(0)
             first = time.perf_counter() - start
             loading.wait_all()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             whole = time.perf_counter() - start
             for key in keys:
                 store.unhold(key, "bench")
@@ -128,9 +142,11 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
                 runs.append(layerwise())
             return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
-        src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
-        memcpy = _timed(lambda: None, lambda: dst.copy_(src), repeat)
-        host = _timed(down("host"), fetch_all, repeat)
+        pin = dev.type == "cuda"  # as the host tier's copies are
+        src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pin)
+        dst = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        memcpy = _timed(lambda: None, lambda: dst.copy_(src, non_blocking=True), repeat, dev)
+        host = _timed(down("host"), fetch_all, repeat, dev)
         default, store.host_layerwise = store.host_layerwise, True  # the mechanism, measured (the cpu moves them whole)
         host_first, host_layerwise = layerwise_medians(down("host"))
         store.host_layerwise = default
@@ -151,10 +167,10 @@ def run_store(chunks: int, tokens: int, dtype: str, repeat: int, root: str | Non
         dropped = drop_cache(files)
         buf = bytearray(sum(p.stat().st_size for p in files))
         cold_read = _timed(lambda: drop_cache(files), lambda: _read_files(files, buf), repeat)
-        cold = _timed(down("disk", cold=True), fetch_all, repeat)
+        cold = _timed(down("disk", cold=True), fetch_all, repeat, dev)
         cold_first, cold_layerwise = layerwise_medians(down("disk", cold=True))
         cached_read = _timed(lambda: None, lambda: _read_files(files, buf), repeat)
-        cached = _timed(down("disk"), fetch_all, repeat)
+        cached = _timed(down("disk"), fetch_all, repeat, dev)
         cold_case = ("cold sequential read", "fraction_of_cold_read")
         for name, secs, first, base, (base_name, field) in (
             ("disk->device/cold", cold, None, cold_read, cold_case),
@@ -270,7 +286,11 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.remote:
         rows = run_remote(args.chunks, args.tokens, args.dtype, args.repeat)
     else:
-        rows = run_store(args.chunks, args.tokens, args.dtype, args.repeat, args.dir)
+        from kvfuse._bench import _torch_device, best_device
+
+        device = _torch_device(args.device or best_device())
+        print(f"pool on {device}")
+        rows = run_store(args.chunks, args.tokens, args.dtype, args.repeat, args.dir, str(device))
     for r in rows:
         frac = next(v for k, v in r.items() if k.startswith("fraction_of_"))
         first = f", layer 0 after {r['first_layer_s'] * 1e3:.1f} ms" if r["first_layer_s"] is not None else ""
@@ -293,6 +313,9 @@ def register(parser: argparse.ArgumentParser, bench_sub: Any) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--dir", help="where the disk tier lives (default: the system's temporary directory)")
+    p.add_argument(
+        "--device", metavar="NAME", help="kvfuse device whose memory holds the pool (default: the best available)"
+    )
     p.add_argument("--remote", action="store_true", help="the remote tier's get path against raw TCP instead")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=_cmd)

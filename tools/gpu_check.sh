@@ -4,7 +4,8 @@
 #      (pydantic and what it needs) plus an editable install of this checkout;
 #   2. the full conformance profile on the nvidia device (real CUDA, no interpreter; a
 #      fixed attention config: with autotuning it took 390 s of compiling on an H100);
-#   3. kvfuse bench ops and kvfuse bench rag on it.
+#   3. the store's promotions into a pool on the GPU (exact bytes, layer by layer, from the
+#      host and disk tiers), then kvfuse bench ops, bench store and bench rag on it.
 # Reports (JSON, JUnit, logs) go to $OUT when set, else reports/gpu/. Every step runs even
 # when one before it fails; the exit status is the first failure's.
 set -u
@@ -35,7 +36,9 @@ step devices $KVFUSE devices
 # correctness, not speed: one fixed attention config, so each specialisation compiles once
 KVFUSE_NVIDIA_AUTOTUNE=0 step conformance $KVFUSE conformance run --device nvidia --profile full \
     --json "$OUT/conformance-nvidia.json" --junitxml "$OUT/conformance-nvidia.xml"
+step store-cuda $PY -m pytest -q -p no:cacheprovider tests/sdk/store/test_promote.py
 step bench-ops $KVFUSE bench ops --device nvidia --json "$OUT/bench-ops-nvidia.json"
+step bench-store $KVFUSE bench store --device nvidia --json "$OUT/bench-store-nvidia.json"
 step bench-rag $KVFUSE bench rag --model random --device nvidia --context-tokens "${RAG_TOKENS:-8192}" --layers 16 \
     --json "$OUT/bench-rag-nvidia.json"
 exit $rc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from kvfuse.store._keys import Namespace
 
@@ -86,6 +88,16 @@ class KVPool:
         shape = (ns.num_layers, num_pages * ns.page_size, ns.num_kv_heads, ns.head_dim)
         pin = self.device.type == "cuda"
         return tuple(torch.empty(shape, dtype=ns.torch_dtype, pin_memory=pin) for _ in range(2))  # type: ignore[return-value]
+
+    def fence(self) -> Any:
+        """A CUDA event after all that the caller's stream has queued so far (kernels that
+        may still read pages just handed out), for copies on another stream to wait for;
+        None off CUDA, where every op is done when it returns."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range | None = None) -> None:
         """Write a chunk's K/V into ``pages``, one ``copy_`` per run of consecutive pages:

@@ -19,8 +19,9 @@ go of them).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,25 @@ import torch
 from kvfuse._errors import StoreError
 from kvfuse.store._disk import ChunkReader, ChunkRejected, DiskTier
 from kvfuse.store._pool import KVPool, bytes_of
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _mover_stream(device: torch.device, after: Any) -> Iterator[None]:
+    """Copies queued inside run on this thread's own CUDA stream on ``device``, after the
+    event ``after`` (the kernels that may still read the pages, queued before they were
+    handed out); they have finished when the block ends. On the default stream they would
+    queue behind the model's kernels, and waiting for them would wait for those too."""
+    streams: dict[torch.device, Any] = _local.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    stream = streams[device]
+    if after is not None:
+        stream.wait_event(after)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def promotion_steps(num_layers: int) -> list[range]:
@@ -163,22 +183,36 @@ class Loading:
                 raise error
 
 
-def move_from_host(pool: KVPool, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range) -> None:
-    """A step of a host chunk: its ``layers`` into ``pages``, one ``copy_`` per page run.
+def move_from_host(
+    pool: KVPool, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range, *, after: Any = None
+) -> None:
+    """A step of a host chunk: its ``layers`` into ``pages``, one ``copy_`` per page run
+    (on a GPU, on the mover's stream after ``after``: :meth:`KVPool.fence`).
 
     k, v: [num_layers, pages * page_size, num_kv_heads, head_dim] (a padded host copy)
     """
-    pool.write(pages, k[layers.start : layers.stop], v[layers.start : layers.stop], layers)
-    if pool.device.type == "cuda":  # done means done: the host copy is reused after the last step
-        torch.cuda.current_stream(pool.device).synchronize()
+    ks, vs = k[layers.start : layers.stop], v[layers.start : layers.stop]
+    if pool.device.type != "cuda":
+        pool.write(pages, ks, vs, layers)
+        return
+    with _mover_stream(pool.device, after):  # done means done: the host copy is reused after the last step
+        pool.write(pages, ks, vs, layers)
 
 
 def move_from_disk(
-    pool: KVPool, disk: DiskTier, reader: ChunkReader, pages: list[int], stage: Any, layers: range
+    pool: KVPool,
+    disk: DiskTier,
+    reader: ChunkReader,
+    pages: list[int],
+    stage: Any,
+    layers: range,
+    *,
+    after: Any = None,
 ) -> None:
     """A step of a disk chunk: its ``layers`` read in one go and verified, straight into
     the pool's pages (cpu), or a layer at a time through this thread's pinned staging
-    pair (``stage``: a ``threading.local``). A rejected file is counted and quarantined."""
+    pair (``stage``: a ``threading.local``), copied on the mover's stream after ``after``.
+    A rejected file is counted and quarantined."""
     ns = pool.namespace
     n = reader.num_tokens
     try:
@@ -192,8 +226,8 @@ def move_from_disk(
             pair = stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
         for i in layers:
             reader.read_layer(i, [bytes_of(pair[0, :n])], [bytes_of(pair[1, :n])])
-            pool.write(pages, pair[0:1, :n], pair[1:2, :n], range(i, i + 1))
-            torch.cuda.synchronize(pool.device)  # the stage is reused by the next layer
+            with _mover_stream(pool.device, after):  # the stage is reused by the next layer
+                pool.write(pages, pair[0:1, :n], pair[1:2, :n], range(i, i + 1))
     except ChunkRejected:
         disk.reject(reader.key)
         raise

@@ -321,13 +321,14 @@ class TieredStore:
             self._copies.give_back(host)
             return placed
         steps = promotion_steps(self.namespace.num_layers)
+        fence = self.pool.fence()  # the movers' copies wait for whatever may still read these pages
         if reader is not None:
             assert self.disk is not None
-            move = functools.partial(move_from_disk, self.pool, self.disk, reader, pages, self._stage)
+            move = functools.partial(move_from_disk, self.pool, self.disk, reader, pages, self._stage, after=fence)
             finish = reader.close
         else:
             assert e.host is not None
-            move = functools.partial(move_from_host, self.pool, pages, *e.host)
+            move = functools.partial(move_from_host, self.pool, pages, *e.host, after=fence)
             finish = functools.partial(self._copies.give_back, e.host)
         e.promotion = Promotion(e.key, steps, move, finish, source)
         self._moving.append(e)

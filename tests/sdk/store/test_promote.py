@@ -1,5 +1,7 @@
 """Promotion layer by layer: exact bytes from the host and disk tiers into scattered pages,
-a layer ready before the chunk is whole, and a corrupt layer that fails only what it must."""
+a layer ready before the chunk is whole, and a corrupt layer that fails only what it must;
+into a pool on the cpu and, where there is one, on a CUDA GPU (pinned host copies, copies
+synchronised before a layer counts as moved, disk reads through pinned staging)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from kvfuse.store import KVPool, Namespace, TieredStore, plan
 from storecases import corrupt_layer, same_bits
 
 NS = Namespace(model_id="tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
+POOLS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
 def _kv(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,15 +24,17 @@ def _kv(seed: int, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _layer(store: TieredStore, pages: list[int], layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor(pages)
-    return tuple(pool[layer][ids].flatten(0, 1)[:n] for pool in (store.pool.k, store.pool.v))  # type: ignore[return-value]
+    ids = torch.tensor(pages, device=store.pool.device)
+    return tuple(pool[layer][ids].flatten(0, 1)[:n].cpu() for pool in (store.pool.k, store.pool.v))  # type: ignore[return-value]
 
 
-def _scattered_store(tmp_path: Path, tier: str) -> tuple[TieredStore, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _scattered_store(
+    tmp_path: Path, tier: str, device: str = "cpu"
+) -> tuple[TieredStore, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Chunks a, b (10 tokens) on ``tier``; the pool's free pages interleaved with pinned
     chunk c's, so a promoted chunk lands on runs of pages, not one block."""
     host = 1 << 20 if tier == "host" else 0
-    store = TieredStore(NS, KVPool(NS, 12), host_bytes=host, disk_dir=tmp_path)
+    store = TieredStore(NS, KVPool(NS, 12, device), host_bytes=host, disk_dir=tmp_path)
     kv = {key: _kv(i) for i, key in enumerate("abcd")}
     for key in "ab":
         store.put(key, *kv[key])
@@ -45,9 +50,11 @@ def _scattered_store(tmp_path: Path, tier: str) -> tuple[TieredStore, dict[str, 
     return store, kv
 
 
+@pytest.mark.parametrize("device", POOLS)
 @pytest.mark.parametrize("tier", ["host", "disk"])
-def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, tier: str) -> None:
-    store, kv = _scattered_store(tmp_path, tier)
+def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, tier: str, device: str) -> None:
+    store, kv = _scattered_store(tmp_path, tier, device)
+    assert store.host_layerwise == (device != "cpu")
     store.host_layerwise = True  # on the cpu the default moves host chunks whole
     loading = store.loading()
     with plan(store, [[1] * 10, [2] * 10], 0, keys=["a", "b"], loading=loading) as p:
@@ -61,8 +68,9 @@ def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, ti
     assert store.stats.bytes_moved[f"{tier}->device"] == 2 * store._nbytes(10)
 
 
-def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path) -> None:
-    store, kv = _scattered_store(tmp_path, "disk")
+@pytest.mark.parametrize("device", POOLS)
+def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path, device: str) -> None:
+    store, kv = _scattered_store(tmp_path, "disk", device)
     corrupt_layer(tmp_path / "a.kv", 2)
     loading = store.loading()
     with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
@@ -100,8 +108,9 @@ def test_host_chunks_move_whole_to_a_cpu_pool(tmp_path: Path) -> None:
             assert same_bits(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
 
 
-def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path) -> None:
-    store, kv = _scattered_store(tmp_path, "disk")
+@pytest.mark.parametrize("device", POOLS)
+def test_fetch_without_loading_waits_for_the_whole_chunk(tmp_path: Path, device: str) -> None:
+    store, kv = _scattered_store(tmp_path, "disk", device)
     pages = store.fetch("b")
     assert pages is not None
     for layer in range(NS.num_layers):
