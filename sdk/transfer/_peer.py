@@ -1,12 +1,14 @@
 """A receiving worker for page transfers (decode side), driven over stdin/stdout as JSON lines:
-``python -m kvfuse.transfer._peer NUM_PAGES PAGE_SIZE NUM_KV_HEADS HEAD_DIM DTYPE``.
+``python -m kvfuse.transfer._peer NUM_PAGES PAGE_SIZE NUM_KV_HEADS HEAD_DIM DTYPE [--transports=NAMES] [--tcp-sink]``.
 
-It registers a zeroed pool, prints its PoolDescriptor, then answers commands:
+It registers a zeroed pool with each transport of ``--transports`` (comma-separated
+registry names; default ``mooncake``), prints one PoolDescriptor per line in that order,
+then answers commands:
 ``{"op": "valid", "pages": [...]}`` (the sender's word that a transfer completed: only then
 are pages marked valid), ``{"op": "digest", "pages": [...]}`` (blake2b of each valid page's
 K and V bytes; invalid pages report null), ``{"op": "quit"}``.
 
-With a 7th argument ``--tcp-sink`` it also listens on a plain TCP socket on 127.0.0.1 and
+With ``--tcp-sink`` it also listens on a plain TCP socket on 127.0.0.1 and
 prints ``{"tcp_port": N}`` after the descriptor: the raw-TCP baseline of ``kvfuse bench
 transfer`` between the same two processes. Each message is an 8-byte little-endian length
 and that many bytes, received straight into the pool's memory (K's pages, then V's), and
@@ -21,9 +23,9 @@ import socket
 import sys
 import threading
 
+import kvfuse
 import torch
 from kvfuse.store._keys import DTYPES
-from kvfuse.transfer._mooncake import MooncakeTransport
 
 
 def page_digest(k_pages: torch.Tensor, v_pages: torch.Tensor, page: int) -> str:
@@ -59,9 +61,12 @@ def main() -> int:
     shape = (num_pages, page_size, heads, head_dim)
     k_pages = torch.zeros(shape, dtype=DTYPES[sys.argv[5]])
     v_pages = torch.zeros(shape, dtype=DTYPES[sys.argv[5]])
-    transport = MooncakeTransport()
-    print(json.dumps(transport.register_pool(k_pages, v_pages)), flush=True)
-    if sys.argv[6:7] == ["--tcp-sink"]:
+    flags = sys.argv[6:]
+    names = next((f.partition("=")[2] for f in flags if f.startswith("--transports=")), "mooncake")
+    transports = [kvfuse.registry().transport(name)() for name in names.split(",")]
+    for transport in transports:
+        print(json.dumps(transport.register_pool(k_pages, v_pages)), flush=True)
+    if "--tcp-sink" in flags:
         server = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=_tcp_sink, args=(server, k_pages, v_pages), daemon=True).start()
         print(json.dumps({"tcp_port": server.getsockname()[1]}), flush=True)
@@ -76,7 +81,8 @@ def main() -> int:
         elif cmd["op"] == "digest":
             out = [page_digest(k_pages, v_pages, p) if p in valid else None for p in cmd["pages"]]
             print(json.dumps({"digests": out}), flush=True)
-    transport.close()
+    for transport in transports:
+        transport.close()
     return 0
 
 
