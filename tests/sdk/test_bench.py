@@ -153,14 +153,13 @@ def test_bench_store_remote_against_raw_tcp_json(tmp_path: Path) -> None:
     assert "of raw TCP" in stdout
 
 
-@pytest.mark.netns
-def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
-    """Mooncake page transfer between two processes, against raw TCP between the same two
-    processes and a local clone, in one run."""
-    pytest.importorskip("mooncake.engine")
-    data, stdout = _bench(tmp_path, "transfer", "--pages", "4,16", "--repeat", "1")
-    assert {(r["pages"], r["layout"]) for r in data["results"]} == {
-        (n, layout) for n in (4, 16) for layout in ("scattered", "runs", "scattered-to-runs")
+def _transfer_rows(tmp_path: Path, transports: tuple[str, ...]) -> str:
+    """Page transfer between two processes by each of ``transports``, against raw TCP
+    between the same two processes and a local clone, in one run."""
+    names = ",".join(transports)
+    data, stdout = _bench(tmp_path, "transfer", "--pages", "4,16", "--repeat", "1", "--transports", names)
+    assert {(r["transport"], r["pages"], r["layout"]) for r in data["results"]} == {
+        (t, n, layout) for t in transports for n in (4, 16) for layout in ("scattered", "runs", "scattered-to-runs")
     }
     for r in data["results"]:
         assert r["gbps"] > 0 and r["tcp_gbps"] > 0
@@ -168,6 +167,18 @@ def test_bench_transfer_against_raw_tcp_json(tmp_path: Path) -> None:
         assert r["fraction_of_clone"] == pytest.approx(r["clone_seconds"] / r["seconds"])
         assert r["fraction_of_contiguous"] == pytest.approx(r["gbps"] / r["contiguous_gbps"])
     assert "% of TCP" in stdout
+    return stdout
+
+
+def test_bench_transfer_tcp_against_raw_tcp_json(tmp_path: Path) -> None:
+    _transfer_rows(tmp_path, ("tcp",))  # listens on 127.0.0.1 only: no namespace needed
+
+
+@pytest.mark.netns
+def test_bench_transfer_mooncake_and_tcp_json(tmp_path: Path) -> None:
+    pytest.importorskip("mooncake.engine")
+    stdout = _transfer_rows(tmp_path, ("mooncake", "tcp"))
+    assert "mooncake" in stdout and "tcp " in stdout
 
 
 @pytest.mark.parametrize("repeat", ["0", "-2", "three"])

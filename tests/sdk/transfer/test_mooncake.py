@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -17,32 +14,7 @@ pytest.importorskip("mooncake.engine")
 import kvfuse
 from kvfuse.transfer import MooncakeTransport
 from kvfuse.transfer._peer import page_digest
-
-GEOMETRY = (16, 4, 64)  # page_size, num_kv_heads, head_dim
-
-
-class Peer:
-    def __init__(self, num_pages: int, dtype: str = "bf16") -> None:
-        args = [sys.executable, "-m", "kvfuse.transfer._peer", str(num_pages), *map(str, GEOMETRY), dtype]
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        self.descriptor = self._read()
-
-    def _read(self) -> dict:  # type: ignore[type-arg]
-        assert self.proc.stdout is not None
-        return json.loads(self.proc.stdout.readline())
-
-    def ask(self, **cmd: object) -> dict:  # type: ignore[type-arg]
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+from transfercases import Peer, pool
 
 
 @pytest.fixture
@@ -53,15 +25,10 @@ def sender() -> Iterator[MooncakeTransport]:
     t.close()
 
 
-def _pool(num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kv = torch.randn(2, num_pages, *GEOMETRY, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    return kv[0].contiguous(), kv[1].contiguous()
-
-
 def test_pages_arrive_bit_exact(sender: MooncakeTransport) -> None:
     peer = Peer(num_pages=300)
     try:
-        k, v = _pool(200)
+        k, v = pool(200)
         sender.register_pool(k, v)
         src, dst = [5, 199, 0, 70, 71], [299, 0, 150, 1, 2]
         handle = sender.send_pages(k, v, src, peer.descriptor, dst, non_blocking=True)
@@ -83,7 +50,7 @@ def test_many_batches_in_flight_with_runs_and_scattered_pages_arrive_bit_exact(s
     n = BATCH_PAGES * IN_FLIGHT + 300
     peer = Peer(num_pages=2 * n)
     try:
-        k, v = _pool(n)
+        k, v = pool(n)
         sender.register_pool(k, v)
         g = torch.Generator().manual_seed(1)
         src = list(range(n // 2)) + (torch.randperm(n - n // 2, generator=g) + n // 2).tolist()
@@ -110,7 +77,7 @@ def test_scattered_sources_to_destination_runs_go_gathered_in_few_slices(
     monkeypatch.setattr(mc, "_slices", lambda *a: slices.append(len((r := real(*a))[2])) or r)
     peer = Peer(num_pages=1200)
     try:
-        k, v = _pool(700)
+        k, v = pool(700)
         sender.register_pool(k, v)
         g = torch.Generator().manual_seed(3)
         for n, first in ((300, 0), (640, 500)):
@@ -129,7 +96,7 @@ def test_scattered_sources_to_destination_runs_go_gathered_in_few_slices(
 
 def test_peer_killed_mid_transfer_names_the_pages(sender: MooncakeTransport) -> None:
     peer = Peer(num_pages=4096)
-    k, v = _pool(4096)
+    k, v = pool(4096)
     sender.register_pool(k, v)
     ids = list(range(4096))
     handle = sender.send_pages(k, v, ids, peer.descriptor, ids, non_blocking=True)
@@ -146,7 +113,7 @@ def test_peer_killed_mid_transfer_names_the_pages(sender: MooncakeTransport) -> 
 
 
 def test_bad_descriptor_is_rejected_before_sending(sender: MooncakeTransport) -> None:
-    k, v = _pool(4)
+    k, v = pool(4)
     desc = sender.register_pool(k, v)
     with pytest.raises(kvfuse.TransferError, match="out of range"):
         sender.send_pages(k, v, [0], desc, [4])
