@@ -10,7 +10,15 @@ receiver takes part (two-sided), so no page layout costs more than another:
 - the receiver checks the header, then takes the bytes straight into its pool's pages
   with ``recvmsg_into``, and answers one status byte; the send completes on ``OK``.
 
-Wire format (little-endian), one message per send::
+Wire format (little-endian). Each connection starts with a handshake that proves both
+ends hold the same ``key`` (a keyed blake2b over both sides' nonces; without a key the
+same exchange unkeyed, so a keyed and an unkeyed end never talk)::
+
+    receiver: b"KVFH" | 16-byte nonce_r
+    sender:   16-byte nonce_s | 32-byte tag("send", nonce_r, nonce_s)
+    receiver: 32-byte tag("recv", nonce_r, nonce_s)
+
+then one message per send::
 
     b"KVFT" | u16 version | u16 0 | u64 pool | u64 page_bytes | u32 n | u32 0 |
     n x u32 destination page ids | K of each page, in id order | V of each page
@@ -23,9 +31,13 @@ mid-message leaves pages that were never acknowledged, so never valid (see
 :mod:`kvfuse._transport`); a receiver that dies, refuses or stalls past ``timeout``
 seconds is a :class:`TransferError` naming every page of the send, never a hang.
 
-Who may connect: anyone who reaches the listening address may write into a registered
-pool, as with Mooncake's TCP transport. It listens on ``host`` (default 127.0.0.1);
-listen on another interface only inside a trusted network.
+Who may connect: without a key, anyone who reaches the listening address may write into a
+registered pool, as with Mooncake's TCP transport. With ``key`` (16–64 bytes, the same on
+both ends) a receiver takes pages only from senders that hold it, and a sender sends only
+to receivers that hold it; a failed handshake is a refusal. The key authenticates the
+ends of each connection, not each byte: someone who can inject into the TCP stream
+itself, or read it, is out of its reach (use a private network). It listens on ``host``
+(default 127.0.0.1).
 
 Pools are contiguous host tensors; a GPU pool is refused (``TransferError``): its pages
 would need a staging copy each way, and RDMA (Mooncake with ``protocol="rdma"``) is the
@@ -36,6 +48,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
+import hmac
 import os
 import socket
 import struct
@@ -47,7 +61,8 @@ from kvfuse._hookspecs import hookimpl
 from kvfuse._transport import PoolDescriptor, Transport
 from kvfuse.ops import TransferHandle
 
-MAGIC, VERSION = b"KVFT", 1
+MAGIC, VERSION, HELLO = b"KVFT", 1, b"KVFH"
+NONCE, TAG = 16, 32
 HEADER = struct.Struct("<4sHHQQII")
 OK, REFUSED = b"\x00", b"\x01"
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
@@ -109,14 +124,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def _tag(key: bytes | None, role: bytes, nonces: bytes) -> bytes:
+    return hashlib.blake2b(role + nonces, digest_size=TAG, key=key or b"", person=b"kvfuse-tcp").digest()
+
+
 class TcpTransport(Transport):
     """See the module docstring. ``host``: where this process listens for pages once it
-    registers a pool; ``timeout``: seconds any one socket operation may take."""
+    registers a pool; ``timeout``: seconds any one socket operation may take; ``key``:
+    the secret both ends of a connection must hold (None: no authentication)."""
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
-        self.host, self.timeout = host, timeout
+    def __init__(self, host: str = "127.0.0.1", timeout: float = 60.0, key: bytes | None = None) -> None:
+        if key is not None and not (isinstance(key, bytes) and 16 <= len(key) <= 64):
+            raise TransferError(f"key: expected 16 to 64 bytes, got {len(key) if isinstance(key, bytes) else key!r}")
+        self.host, self.timeout, self.key = host, timeout, key
         self._pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._server: socket.socket | None = None
         self._conns: dict[str, socket.socket] = {}
@@ -161,6 +183,15 @@ class TcpTransport(Transport):
         this receiver refuses."""
         _deadline(conn, self.timeout)
         with conn, contextlib.suppress(OSError):
+            nonce_r = os.urandom(NONCE)
+            conn.sendall(HELLO + nonce_r)
+            reply = _recv_exact(conn, NONCE + TAG)
+            nonces = nonce_r + reply[:NONCE]
+            if not hmac.compare_digest(reply[NONCE:], _tag(self.key, b"send", nonces)):
+                with self._lock:
+                    self.refused += 1
+                return  # not a sender holding our key: not a byte more
+            conn.sendall(_tag(self.key, b"recv", nonces))
             while True:
                 head = conn.recv(HEADER.size, socket.MSG_WAITALL)
                 if len(head) != HEADER.size:
@@ -246,9 +277,30 @@ class TcpTransport(Transport):
             host, _, port = session.rpartition(":")
             sock = socket.create_connection((host, int(port)), timeout=self.timeout)
             _deadline(sock, self.timeout)
+            try:
+                self._handshake(sock)
+            except BaseException:
+                sock.close()
+                raise
             with self._lock:
                 self._conns[session] = sock
         return sock
+
+    def _handshake(self, sock: socket.socket) -> None:
+        """Prove this sender holds the key and check that the receiver does too, before a
+        page is sent; OSError (a refusal) if either fails."""
+        hello = _recv_exact(sock, len(HELLO) + NONCE)
+        if hello[: len(HELLO)] != HELLO:
+            raise ConnectionRefusedError("not a kvfuse tcp receiver")
+        nonce_s = os.urandom(NONCE)
+        nonces = hello[len(HELLO) :] + nonce_s
+        sock.sendall(nonce_s + _tag(self.key, b"send", nonces))
+        try:
+            answer = _recv_exact(sock, TAG)
+        except ConnectionError:
+            raise ConnectionRefusedError("the receiver refused this sender's key (or its lack of one)") from None
+        if not hmac.compare_digest(answer, _tag(self.key, b"recv", nonces)):
+            raise ConnectionRefusedError("the receiver does not hold this transport's key")
 
     def _drop(self, session: str) -> None:
         with self._lock:

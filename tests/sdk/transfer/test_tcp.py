@@ -1,5 +1,6 @@
 """kvfuse's TCP transport: pages bit-exact between two real processes in any layout, a
-receiver that refuses a bad message before writing a byte, and a dead, refusing or
+receiver that refuses a bad message (or a sender without its key) before writing a byte,
+a sender that sends nothing to a receiver without its key, and a dead, refusing or
 stalled peer a TransferError naming every page, never a hang. It listens on 127.0.0.1
 only, so these tests need no network namespace."""
 
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvfuse.transfer import TcpTransport
 from kvfuse.transfer._peer import page_digest
-from kvfuse.transfer._tcp import HEADER, MAGIC, REFUSED, VERSION
+from kvfuse.transfer._tcp import HEADER, HELLO, MAGIC, NONCE, REFUSED, TAG, VERSION, _tag
 from transfercases import Peer, pool
 
 
@@ -94,6 +95,9 @@ def _raw(desc: dict, head: bytes, payload: bytes = b"") -> bytes:  # type: ignor
     host, _, port = desc["session"].rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         try:
+            nonces = s.recv(len(HELLO) + NONCE, socket.MSG_WAITALL)[len(HELLO) :] + bytes(NONCE)
+            s.sendall(bytes(NONCE) + _tag(None, b"send", nonces))  # the handshake of an unkeyed sender
+            assert s.recv(TAG, socket.MSG_WAITALL) == _tag(None, b"recv", nonces)
             s.sendall(head + payload)
             s.shutdown(socket.SHUT_WR)
             return s.recv(1)
@@ -194,3 +198,66 @@ def test_a_bad_send_is_refused_before_connecting(sender: TcpTransport, receiver:
     assert rx.refused == served  # nothing reached the receiver
     with pytest.raises(kvfuse.TransferError, match="host memory"):
         sender.register_pool(torch.empty(4, 16, 4, 64, device="meta"), torch.empty(4, 16, 4, 64, device="meta"))
+
+
+KEY, OTHER = b"k" * 32, b"o" * 32
+
+
+@pytest.mark.parametrize(("rx_key", "tx_key"), [(KEY, None), (None, KEY), (KEY, OTHER)])
+def test_ends_without_the_same_key_exchange_no_page(rx_key: bytes | None, tx_key: bytes | None) -> None:
+    rx, tx = TcpTransport(key=rx_key), TcpTransport(key=tx_key)
+    try:
+        dk, dv = torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4)
+        desc = rx.register_pool(dk, dv)
+        with pytest.raises(kvfuse.TransferError, match="key") as info:
+            tx.send_pages(torch.ones(4, 2, 2, 4), torch.ones(4, 2, 2, 4), [0, 1], desc, [2, 3]).wait(timeout=10)
+        assert info.value.failed_pages == [2, 3]
+        assert not dk.any() and not dv.any() and rx.refused == 1
+    finally:
+        tx.close()
+        rx.close()
+    rx, tx = TcpTransport(key=KEY), TcpTransport(key=KEY)  # the same key: pages flow
+    try:
+        dk, dv = torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4)
+        tx.send_pages(torch.ones(4, 2, 2, 4), torch.ones(4, 2, 2, 4), [0], rx.register_pool(dk, dv), [3]).wait(10)
+        assert dk[3].eq(1).all() and not dk[:3].any()
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_sender_sends_no_page_to_a_receiver_without_its_key() -> None:
+    """An impostor listening where the pages should go answers the handshake with a wrong
+    tag: the sender stops there, and not one payload byte reaches the impostor."""
+    impostor = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def play() -> None:
+        conn, _ = impostor.accept()
+        with conn:
+            conn.sendall(HELLO + bytes(NONCE))
+            seen.append(conn.recv(NONCE + TAG, socket.MSG_WAITALL))
+            conn.sendall(bytes(TAG))  # it cannot compute the tag
+            conn.settimeout(5)
+            while chunk := conn.recv(1 << 16):
+                seen.append(chunk)
+
+    player = threading.Thread(target=play, daemon=True)
+    player.start()
+    tx = TcpTransport(key=KEY)
+    desc = {"transport": "tcp", "session": f"127.0.0.1:{impostor.getsockname()[1]}", "k_addr": 1, "v_addr": 2}
+    try:
+        with pytest.raises(kvfuse.TransferError, match="key") as info:
+            tx.send_pages(*pool(2), [0, 1], {**desc, "page_bytes": 8192, "num_pages": 2}, [1, 0])  # type: ignore[arg-type]
+        assert info.value.failed_pages == [1, 0]
+    finally:
+        tx.close()
+        player.join(timeout=10)
+        impostor.close()
+    assert len(seen) == 1 and len(seen[0]) == NONCE + TAG  # the handshake, and nothing after it
+
+
+def test_a_key_of_the_wrong_size_is_refused() -> None:
+    for key in (b"short", b"x" * 65, "a str key"):
+        with pytest.raises(kvfuse.TransferError, match="key"):
+            TcpTransport(key=key)  # type: ignore[arg-type]
