@@ -14,6 +14,7 @@ import abc
 from typing import TYPE_CHECKING, ClassVar, TypedDict
 
 import torch
+from kvfuse._errors import TransferError
 
 if TYPE_CHECKING:
     from kvfuse.ops import TransferHandle
@@ -54,3 +55,20 @@ class Transport(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release the engine's resources."""
+
+
+def check_send(k_pages: torch.Tensor, src_ids: list[int], peer: PoolDescriptor, dst_ids: list[int]) -> int:
+    """A send's arguments, checked before any byte moves: the pages' size equal on both
+    sides, as many sources as destinations, every id in its pool, no destination twice.
+    Returns the page's bytes; TransferError naming every destination page otherwise."""
+    page = k_pages[0].numel() * k_pages.element_size()
+    if page != peer["page_bytes"]:
+        raise TransferError(f"page geometry differs: {page} bytes here, {peer['page_bytes']} at the peer", dst_ids)
+    if (
+        len(src_ids) != len(dst_ids)
+        or len(set(dst_ids)) != len(dst_ids)
+        or any(not 0 <= d < peer["num_pages"] for d in dst_ids)
+        or any(not 0 <= s < k_pages.shape[0] for s in src_ids)
+    ):
+        raise TransferError("page ids out of range, repeated at the destination, or of different lengths", dst_ids)
+    return page

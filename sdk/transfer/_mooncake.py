@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport
+from kvfuse._transport import PoolDescriptor, Transport, check_send
 from kvfuse.ops import TransferHandle
 
 BATCH_PAGES = 64
@@ -80,15 +80,7 @@ class MooncakeTransport(Transport):
         *,
         non_blocking: bool = False,
     ) -> TransferHandle:
-        page = k_pages[0].numel() * k_pages.element_size()
-        if page != peer["page_bytes"]:
-            raise TransferError(f"page geometry differs: {page} bytes here, {peer['page_bytes']} at the peer", dst_ids)
-        if (
-            len(src_ids) != len(dst_ids)
-            or any(not 0 <= d < peer["num_pages"] for d in dst_ids)
-            or any(not 0 <= s < k_pages.shape[0] for s in src_ids)
-        ):
-            raise TransferError("page ids out of range or of different lengths", dst_ids)
+        page = check_send(k_pages, src_ids, peer, dst_ids)
         self._register(k_pages)
         self._register(v_pages)
         handle_ids = list(dst_ids)

@@ -58,7 +58,7 @@ import threading
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport
+from kvfuse._transport import PoolDescriptor, Transport, check_send
 from kvfuse.ops import TransferHandle
 
 MAGIC, VERSION, HELLO = b"KVFT", 1, b"KVFH"
@@ -235,16 +235,7 @@ class TcpTransport(Transport):
         for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
             if t.device.type != "cpu" or not t.is_contiguous() or t.shape != k_pages.shape:
                 raise TransferError(f"{name} must be a contiguous host pool shaped like k_pages", dst_ids)
-        page = k_pages[0].numel() * k_pages.element_size()
-        if page != peer["page_bytes"]:
-            raise TransferError(f"page geometry differs: {page} bytes here, {peer['page_bytes']} at the peer", dst_ids)
-        if (
-            len(src_ids) != len(dst_ids)
-            or len(set(dst_ids)) != len(dst_ids)
-            or any(not 0 <= d < peer["num_pages"] for d in dst_ids)
-            or any(not 0 <= s < k_pages.shape[0] for s in src_ids)
-        ):
-            raise TransferError("page ids out of range, repeated at the destination, or of different lengths", dst_ids)
+        page = check_send(k_pages, src_ids, peer, dst_ids)
         ids = list(dst_ids)
         head = HEADER.pack(MAGIC, VERSION, 0, peer["k_addr"], page, len(ids), 0) + struct.pack(f"<{len(ids)}I", *ids)
         views = [*_pages(k_pages, src_ids), *_pages(v_pages, src_ids)]
