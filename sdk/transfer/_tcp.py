@@ -141,7 +141,8 @@ class TcpTransport(Transport):
         self.host, self.timeout, self.key = host, timeout, key
         self._pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._server: socket.socket | None = None
-        self._conns: dict[str, socket.socket] = {}
+        self._conns: dict[str, socket.socket] = {}  # ours, to receivers
+        self._accepted: dict[socket.socket, threading.Thread] = {}  # senders', to us, and who serves each
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # one message at a time on a connection
         self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-tcp-send")
@@ -176,13 +177,26 @@ class TcpTransport(Transport):
                 conn, _ = server.accept()
             except OSError:  # closed
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            with self._lock:
+                if self._server is not server:  # closed meanwhile
+                    conn.close()
+                    return
+                thread = self._accepted[conn] = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                thread.start()  # under the lock: close() joins only started threads
 
     def _serve(self, conn: socket.socket) -> None:
-        """Messages from one sender until it closes, stalls past the timeout, or sends one
-        this receiver refuses."""
+        """Messages from one sender until it closes, stalls (or idles) past the timeout,
+        sends one this receiver refuses, or this transport closes."""
+        try:
+            self._session(conn)
+        finally:
+            with self._lock:
+                self._accepted.pop(conn, None)
+            conn.close()
+
+    def _session(self, conn: socket.socket) -> None:
         _deadline(conn, self.timeout)
-        with conn, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
             nonce_r = os.urandom(NONCE)
             conn.sendall(HELLO + nonce_r)
             reply = _recv_exact(conn, NONCE + TAG)
@@ -242,14 +256,18 @@ class TcpTransport(Transport):
 
         def send() -> None:
             session = peer["session"]
-            try:
-                with self._send_lock:
-                    sock = self._connection(session)
-                    _sendv(sock, [memoryview(head), *views])
-                    status = _recv_exact(sock, 1)
-            except OSError as exc:
-                self._drop(session)
-                raise TransferError(f"transfer to {session} failed: {exc}", ids) from exc
+            for retry in (False, True):  # a kept connection the receiver closed while idle: once more, anew
+                fresh = True  # until a kept connection is found
+                try:
+                    with self._send_lock:
+                        sock, fresh = self._connection(session)
+                        _sendv(sock, [memoryview(head), *views])
+                        status = _recv_exact(sock, 1)
+                    break
+                except OSError as exc:
+                    self._drop(session)
+                    if fresh or retry:
+                        raise TransferError(f"transfer to {session} failed: {exc}", ids) from exc
             if status != OK:
                 self._drop(session)
                 raise TransferError(f"{session} refused the pages (unknown pool, geometry or ids)", ids)
@@ -259,23 +277,24 @@ class TcpTransport(Transport):
         send()
         return TransferHandle(ids)
 
-    def _connection(self, session: str) -> socket.socket:
-        """This process's connection to ``session`` (one, reused; sends go one at a time
-        through the sender thread or the caller)."""
+    def _connection(self, session: str) -> tuple[socket.socket, bool]:
+        """This process's connection to ``session`` (one, kept; sends go one at a time),
+        and whether it is new."""
         with self._lock:
             sock = self._conns.get(session)
-        if sock is None:
-            host, _, port = session.rpartition(":")
-            sock = socket.create_connection((host, int(port)), timeout=self.timeout)
-            _deadline(sock, self.timeout)
-            try:
-                self._handshake(sock)
-            except BaseException:
-                sock.close()
-                raise
-            with self._lock:
-                self._conns[session] = sock
-        return sock
+        if sock is not None:
+            return sock, False
+        host, _, port = session.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=self.timeout)
+        _deadline(sock, self.timeout)
+        try:
+            self._handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            self._conns[session] = sock
+        return sock, True
 
     def _handshake(self, sock: socket.socket) -> None:
         """Prove this sender holds the key and check that the receiver does too, before a
@@ -300,10 +319,19 @@ class TcpTransport(Transport):
             sock.close()
 
     def close(self) -> None:
+        """Stop sending and receiving: no page lands in a registered pool after this returns
+        (each sender's connection is shut down, and the pools are forgotten)."""
         self._sender.shutdown(wait=True)
         with self._lock:
             server, self._server = self._server, None
             conns, self._conns = list(self._conns.values()), {}
+            accepted = list(self._accepted.items())
+            self._pools.clear()
+        for conn, _ in accepted:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread, which closes it
+        for _, thread in accepted:
+            thread.join(self.timeout)
         for s in [*conns, *([server] if server else [])]:
             with contextlib.suppress(OSError):
                 s.close()

@@ -261,3 +261,34 @@ def test_a_key_of_the_wrong_size_is_refused() -> None:
     for key in (b"short", b"x" * 65, "a str key"):
         with pytest.raises(kvfuse.TransferError, match="key"):
             TcpTransport(key=key)  # type: ignore[arg-type]
+
+
+def test_a_connection_the_receiver_dropped_while_idle_is_made_anew() -> None:
+    rx, tx = TcpTransport(timeout=0.3), TcpTransport()
+    try:
+        dk, dv = torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4)
+        desc = rx.register_pool(dk, dv)
+        src_k, src_v = torch.randn(4, 2, 2, 4), torch.randn(4, 2, 2, 4)
+        tx.send_pages(src_k, src_v, [0], desc, [0]).wait(timeout=10)
+        time.sleep(0.8)  # the receiver gives up on the idle connection
+        tx.send_pages(src_k, src_v, [1, 2], desc, [1, 2]).wait(timeout=10)
+        assert torch.equal(dk[:3], src_k[:3]) and torch.equal(dv[:3], src_v[:3])
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_no_page_lands_after_the_receiver_closes() -> None:
+    rx, tx = TcpTransport(), TcpTransport()
+    dk, dv = torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4)
+    desc = rx.register_pool(dk, dv)
+    try:
+        tx.send_pages(torch.ones(4, 2, 2, 4), torch.ones(4, 2, 2, 4), [0], desc, [0]).wait(timeout=10)
+        rx.close()  # the sender's connection is still open on its side
+        with pytest.raises(kvfuse.TransferError) as info:
+            tx.send_pages(torch.ones(4, 2, 2, 4), torch.ones(4, 2, 2, 4), [1], desc, [1]).wait(timeout=10)
+        assert info.value.failed_pages == [1]
+        assert dk[0].eq(1).all() and not dk[1:].any() and not dv[1:].any()
+    finally:
+        tx.close()
+        rx.close()
