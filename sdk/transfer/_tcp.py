@@ -29,7 +29,10 @@ byte, a message whose magic, version, pool, page size or ids (in range, unique) 
 its own: it answers ``REFUSED`` and closes the connection. A sender that dies or stalls
 mid-message leaves pages that were never acknowledged, so never valid (see
 :mod:`kvfuse._transport`); a receiver that dies, refuses or stalls past ``timeout``
-seconds is a :class:`TransferError` naming every page of the send, never a hang.
+seconds is a :class:`TransferError` naming every page of the send, never a hang. A
+receiver drops a connection idle for ``timeout`` seconds; the sender then connects anew,
+once. ``close()`` shuts down every sender's connection and waits for its thread, so no
+page lands in a registered pool after it returns.
 
 Who may connect: without a key, anyone who reaches the listening address may write into a
 registered pool, as with Mooncake's TCP transport. With ``key`` (16–64 bytes, the same on
