@@ -1,4 +1,7 @@
-"""KV moves on host memory, vectorised torch (one index_select / index_copy_ per tensor).
+"""KV moves on host memory: vectorised torch (one index_select / index_copy_ per tensor),
+and copy_pages between host pools in one pass through ``rows.c`` (the ``_rows``
+extension, built at install where a C compiler is; without it, a gather into a
+cache-sized stage and a scatter out of it).
 
 Moves are bit copies, so rows (pages or tokens) move as the widest words their size and
 alignment allow: 128 bits (complex128), else 64 (int64). torch's index_copy_ copies a row
@@ -11,8 +14,19 @@ a NaN); the tests move signalling NaNs with payloads and random bits.
 
 from __future__ import annotations
 
-import torch
+import concurrent.futures
+import os
 
+import torch
+from kvfuse import IndexRangeError
+
+try:
+    from kvfuse.devices.cpu import _rows  # type: ignore[attr-defined]
+except ImportError:  # installed without a C compiler
+    _rows = None
+
+PART_BYTES = 1 << 20  # the least work worth handing to another thread
+_copiers = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="kvfuse-rows")
 WORDS = {16: torch.complex128, 8: torch.int64}  # bytes -> the word type, widest first
 
 
@@ -101,8 +115,13 @@ def copy_pages(
     dst_v: torch.Tensor,
     dst_ids: torch.Tensor,
 ) -> None:
-    """Gather into a cache-sized staging buffer and scatter from it, chunk by chunk: a
-    full-size temporary would cost a page fault per 4 KiB and halve the bandwidth."""
+    """One pass through ``_rows`` between host pools; else gather into a cache-sized
+    staging buffer and scatter from it, chunk by chunk (a full-size temporary would cost a
+    page fault per 4 KiB and halve the bandwidth)."""
+    pools = (src_k, src_v, dst_k, dst_v)
+    if _rows is not None and all(p.device.type == "cpu" and p.is_contiguous() and p.dim() > 1 for p in pools):
+        _copy_rows(pools, src_ids, dst_ids)
+        return
     src, dst = src_ids.to(torch.int64), dst_ids.to(torch.int64)
     page_bytes = src_k[0].numel() * src_k.element_size()
     chunk = max(1, CHUNK_BYTES // page_bytes)
@@ -112,3 +131,37 @@ def copy_pages(
             part = stage[: min(chunk, src.numel() - i)]
             _select(src_pool, src[i : i + chunk], part)
             _put(dst_pool, dst[i : i + chunk], part.to(dst_pool.device))
+
+
+def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """``copy_pages`` by ``_rows.copy_rows``, the pages split into one part per intra-op
+    thread (the caller copies the first). The ids become addresses, so they are checked
+    here too: an id out of range is an IndexRangeError before any byte moves.
+
+    pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim], contiguous, on the cpu
+    """
+    src_k, src_v, dst_k, dst_v = pools
+    row = src_k[0].numel() * src_k.element_size()
+    ids = []
+    for name, t, pair in (("src_ids", src_ids, (src_k, src_v)), ("dst_ids", dst_ids, (dst_k, dst_v))):
+        t = t.to(torch.int64).contiguous()
+        top = min(p.shape[0] for p in pair)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
+            raise IndexRangeError(name, f"page ids in [0, {top})", f"ids from {int(t.min())} to {int(t.max())}")
+        ids.append(t)
+    if any(p[0].numel() * p.element_size() != row for p in pools):
+        raise ValueError("copy_pages: pools of different page sizes")
+    n = ids[0].numel()
+    parts = max(1, min(torch.get_num_threads(), 2 * n * row // PART_BYTES))
+
+    def part(i: int) -> None:
+        lo, hi = n * i // parts, n * (i + 1) // parts
+        for s, d in ((src_k, dst_k), (src_v, dst_v)):
+            _rows.copy_rows(d.data_ptr(), ids[1].data_ptr(), s.data_ptr(), ids[0].data_ptr(), lo, hi, row)
+
+    others = [_copiers.submit(part, i) for i in range(1, parts)]
+    try:
+        part(0)
+    finally:
+        for f in others:
+            f.result()

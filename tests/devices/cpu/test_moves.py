@@ -1,9 +1,15 @@
-"""cpu moves: bit copies, as 128- or 64-bit words where rows allow and in the tensor's dtype where not."""
+"""cpu moves: bit copies, as 128- or 64-bit words where rows allow and in the tensor's dtype where not;
+copy_pages through the C extension and through torch alike."""
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
+from kvfuse import IndexRangeError
 from kvfuse.devices.cpu import moves
 
 
@@ -64,3 +70,49 @@ def test_wide_words_keep_signalling_nans() -> None:
         moves.copy_pages(src, v, ids, dk, dv, ids + 0)
         assert torch.equal(dk[ids.long()].view(torch.int32), src[ids.long()].view(torch.int32))
         assert torch.equal(dv[ids.long()].view(torch.int32), v[ids.long()].view(torch.int32))
+
+
+@pytest.fixture(params=["rows.c", "torch"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """copy_pages through the C extension, and through torch's stage as without it."""
+    if request.param == "rows.c":
+        if moves._rows is None:
+            pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+    else:
+        monkeypatch.setattr(moves, "_rows", None)
+    return str(request.param)
+
+
+def test_rows_extension_is_built_where_a_compiler_is() -> None:
+    if shutil.which("cc") is None or not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        pytest.skip("no C compiler or Python headers: the install skips the extension")
+    assert moves._rows is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_pages_is_a_bit_copy_on_every_path(copy_path: str, dtype: torch.dtype) -> None:
+    """Enough 64 KiB pages that the C path splits them over threads, NaN payloads among
+    them; rows of 6 bytes too (no whole cache lines: memcpy)."""
+    for row, pages in (((16, 8, 128), 48), ((1, 1, 3), 40)):
+        k, v = _pool((pages, *row), dtype, 4), _pool((pages, *row), dtype, 5)
+        g = torch.Generator().manual_seed(6)
+        src = torch.randint(0, pages, (pages // 2,), generator=g, dtype=torch.int32)  # repeats allowed
+        dst = torch.randperm(pages, generator=g)[: pages // 2].to(torch.int32)
+        dk, dv = _pool((pages, *row), dtype, 7), _pool((pages, *row), dtype, 8)
+        ek, ev = dk.clone(), dv.clone()
+        ek[dst.long()], ev[dst.long()] = k[src.long()], v[src.long()]
+        moves.copy_pages(k, v, src, dk, dv, dst)
+        assert torch.equal(dk.view(torch.uint8), ek.view(torch.uint8)), copy_path
+        assert torch.equal(dv.view(torch.uint8), ev.view(torch.uint8)), copy_path
+
+
+def test_the_c_path_checks_ids_before_a_byte_moves() -> None:
+    """The C path turns ids into addresses: one out of range never reaches it."""
+    if moves._rows is None:
+        pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+    k, v = _pool((8, 2, 2, 8), torch.float32, 1), _pool((8, 2, 2, 8), torch.float32, 2)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for src, dst, name in (([0, 8], [1, 2], "src_ids"), ([0, 1], [2, -1], "dst_ids"), ([0, 1], [2, 9], "dst_ids")):
+        with pytest.raises(IndexRangeError, match=name):
+            moves.copy_pages(k, v, torch.tensor(src), dk, dv, torch.tensor(dst))
+        assert not dk.any() and not dv.any()
