@@ -1,4 +1,5 @@
-"""The cpu device plugin: fusion attention as OpenVINO models, moves in vectorised torch."""
+"""The cpu device plugin: fusion attention as OpenVINO models, moves in vectorised torch
+(copy_pages in C where the ``_rows`` extension was built)."""
 
 from __future__ import annotations
 
