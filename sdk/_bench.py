@@ -278,7 +278,7 @@ def _moves(device: str, dtype_name: str, repeat: int) -> Iterator[BenchResult]:
         "copy_pages": lambda: kvfuse.copy_pages(k_pages, v_pages, ids, dst[0], dst[1], dst_ids, device=device),
     }
     # clone on its own: its fresh pages' faults and their unmapping would disturb the runs
-    # after it; every timed move and memcpy starts with no byte of it in cache
+    # after it. Every timed move and memcpy starts with the cache flushed.
     (clone_secs,) = medians([clone], repeat, tdev)
     flush = cache_flusher(tdev)
     for op, fn in ops.items():

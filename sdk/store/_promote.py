@@ -45,9 +45,11 @@ def _mover_stream(device: torch.device, after: Any) -> Iterator[None]:
     stream = streams[device]
     if after is not None:
         stream.wait_event(after)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:  # even after an error: nothing may still be copying from a buffer that is reused
+        stream.synchronize()
 
 
 def promotion_steps(num_layers: int) -> list[range]:
