@@ -119,7 +119,7 @@ def copy_pages(
     staging buffer and scatter from it, chunk by chunk (a full-size temporary would cost a
     page fault per 4 KiB and halve the bandwidth)."""
     pools = (src_k, src_v, dst_k, dst_v)
-    if _rows is not None and all(p.device.type == "cpu" and p.is_contiguous() and p.dim() > 1 for p in pools):
+    if _rows is not None and len({_host_row(p) for p in pools}) == 1 and _host_row(src_k):
         _copy_rows(pools, src_ids, dst_ids)
         return
     src, dst = src_ids.to(torch.int64), dst_ids.to(torch.int64)
@@ -133,12 +133,20 @@ def copy_pages(
             _put(dst_pool, dst[i : i + chunk], part.to(dst_pool.device))
 
 
+def _host_row(t: torch.Tensor) -> int:
+    """Bytes per page of ``t`` if it is a contiguous host pool, else 0."""
+    if t.device.type != "cpu" or t.dim() < 2 or not t.is_contiguous():
+        return 0
+    return t[0].numel() * t.element_size()
+
+
 def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """``copy_pages`` by ``_rows.copy_rows``, the pages split into one part per intra-op
     thread (the caller copies the first). The ids become addresses, so they are checked
     here too: an id out of range is an IndexRangeError before any byte moves.
 
-    pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim], contiguous, on the cpu
+    pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim], contiguous, on the
+    cpu, pages of one size
     """
     src_k, src_v, dst_k, dst_v = pools
     row = src_k[0].numel() * src_k.element_size()
@@ -149,9 +157,9 @@ def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: 
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
             raise IndexRangeError(name, f"page ids in [0, {top})", f"ids from {int(t.min())} to {int(t.max())}")
         ids.append(t)
-    if any(p[0].numel() * p.element_size() != row for p in pools):
-        raise ValueError("copy_pages: pools of different page sizes")
     n = ids[0].numel()
+    if n == 0:
+        return
     parts = max(1, min(torch.get_num_threads(), 2 * n * row // PART_BYTES))
 
     def part(i: int) -> None:

@@ -104,6 +104,9 @@ def test_copy_pages_is_a_bit_copy_on_every_path(copy_path: str, dtype: torch.dty
         moves.copy_pages(k, v, src, dk, dv, dst)
         assert torch.equal(dk.view(torch.uint8), ek.view(torch.uint8)), copy_path
         assert torch.equal(dv.view(torch.uint8), ev.view(torch.uint8)), copy_path
+        none = torch.zeros(0, dtype=torch.int32)
+        moves.copy_pages(k, v, none, dk, dv, none)  # no pages: nothing changes
+        assert torch.equal(dk.view(torch.uint8), ek.view(torch.uint8)), copy_path
 
 
 def test_the_c_path_checks_ids_before_a_byte_moves() -> None:
