@@ -49,7 +49,9 @@ def device_rows(reg: Registry) -> dict[str, Any]:
             }
         )
     broken = [{"name": b.name, "reason": b.reason} for b in reg.broken]
-    return {"devices": rows, "broken_plugins": broken}
+    found = sorted(reg.transports().items())
+    transports = [{"name": name, "class": f"{cls.__module__}.{cls.__qualname__}"} for name, cls in found]
+    return {"devices": rows, "transports": transports, "broken_plugins": broken}
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -71,6 +73,7 @@ def _devices(args: argparse.Namespace) -> int:
             row["name"], row["vendor"], "yes" if row["available"] else "no", why, row["api_version"], row["plugin"], ops
         )
     console.print(table)
+    console.print("page transports: " + (", ".join(t["name"] for t in data["transports"]) or "none"))
     if data["broken_plugins"]:
         broken = Table(title="broken plugins", title_style="bold red")
         broken.add_column("plugin")
@@ -85,7 +88,7 @@ def build_parser(extra: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
     parser = _Parser(prog="kvfuse", description="kvfuse: fuse stored KV with live tokens, on any chip.")
     parser.add_argument("--version", action="version", version=f"kvfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("devices", help="list registered devices and broken plugins")
+    p = sub.add_parser("devices", help="list registered devices, page transports and broken plugins")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_devices)
     for register in extra:

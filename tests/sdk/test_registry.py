@@ -252,10 +252,15 @@ def test_cli_shows_broken_plugins(on_path: Path) -> None:
     assert set(devs["reference"]) >= {"name", "vendor", "available", "reason", "api_version", "capabilities"}
     assert {b["name"] for b in data["broken_plugins"]} == set(BROKEN)
     assert not devs["moody"]["available"] and "device lost" in devs["moody"]["reason"]
+    assert {t["name"]: t["class"] for t in data["transports"]} == {
+        "mooncake": "kvfuse.transfer._mooncake.MooncakeTransport",
+        "tcp": "kvfuse.transfer._tcp.TcpTransport",
+    }
     table = subprocess.run(
         [sys.executable, "-m", "kvfuse", "devices"], capture_output=True, text=True, env=env, check=True
     )
     assert "broken plugins" in table.stdout and "driver exploded" in table.stdout
+    assert "page transports: mooncake, tcp" in table.stdout
     strict = subprocess.run(
         [sys.executable, "-m", "kvfuse", "devices"],
         capture_output=True,
