@@ -1,6 +1,7 @@
 # Set-up on a fresh clone is part of both targets: a .venv is created if missing and the
 # project is installed into it (torch's CPU build from local disk, pinned first so no CUDA
-# build is pulled in).
+# build is pulled in). The editable install builds the cpu device's C kernel
+# (devices/cpu/rows.c) in place, so a change to it installs again.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.kvfuse-installed
 
 .PHONY: run test lint typecheck clean gpu-check gpu-wheels
 
-$(STAMP): pyproject.toml Makefile examples/vendor_plugin/pyproject.toml
+$(STAMP): pyproject.toml setup.py devices/cpu/rows.c Makefile examples/vendor_plugin/pyproject.toml
 	@# the Mooncake wheel (remote tier) needs libibverbs at import time, even over TCP
 	(dpkg -s libibverbs1 >/dev/null 2>&1 && command -v ip >/dev/null) \
 		|| (apt-get update -qq && apt-get install -y -qq libibverbs1 iproute2) \
