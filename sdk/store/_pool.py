@@ -55,6 +55,21 @@ class KVPool:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as one page pool each, every layer's pages in a row: what a page
+        transport registers (``Transport.register_pool``), to move chunks between
+        processes whose pools share this namespace. Page ``p`` of layer ``i`` is flat page
+        ``i * num_pages + p`` (:meth:`flat_ids`).
+
+        Returns two [num_layers * num_pages, page_size, num_kv_heads, head_dim] views of
+        the pool, the namespace's dtype
+        """
+        return self.k.view(-1, *self.k.shape[2:]), self.v.view(-1, *self.v.shape[2:])
+
+    def flat_ids(self, pages: list[int]) -> list[int]:
+        """The flat pages (:meth:`flat`) of ``pages`` in every layer: layer 0's, then layer 1's, ..."""
+        return [i * self.num_pages + p for i in range(self.namespace.num_layers) for p in pages]
+
     def byte_ranges(self, pages: list[int], num_tokens: int, layers: range) -> list[tuple[list[memoryview], ...]]:
         """The pool's bytes (cpu pools) where ``num_tokens`` tokens laid on ``pages`` sit,
         per layer of ``layers``: (K pieces, V pieces) in token order, one piece per run of
