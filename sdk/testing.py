@@ -9,6 +9,9 @@
   op signatures, declared ops implemented, ``capabilities()`` well formed), as a list of
   problems, so a plugin's own tests can assert there are none.
 - :func:`run_conformance`: the conformance suite on a registered device, as a report.
+- :func:`check_transport`: what every page transport must do (bit-exact pages, bad sends
+  refused naming every page, no hang on a closed peer), on real transfers between two
+  instances, as a list of problems.
 
 Refusals are derived: kvfuse never calls a device op that its ``capabilities()`` does not
 declare (the call raises :class:`kvfuse.UnsupportedError` naming the missing capability),
@@ -20,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvfuse._device import API_VERSION, DTYPE_NAMES, OP_NAMES, Availability, Capabilities, Device, dtype_name
+from kvfuse._transport_kit import check_transport
 from kvfuse.ops._attention import fusion_attention_reference
 from kvfuse.ops._blend import blend_select_reference
 from kvfuse.ops._checks import TOLERANCES
@@ -44,6 +48,7 @@ __all__ = [
     "append_kv_reference",
     "blend_select_reference",
     "check_device",
+    "check_transport",
     "copy_pages_reference",
     "dtype_name",
     "fusion_attention_reference",

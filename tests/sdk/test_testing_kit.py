@@ -1,5 +1,6 @@
 """kvfuse.testing, the plugin author's kit: a skeleton that declares what it overrides, the
-load checks as a function, references, and the suite on a device registered from it."""
+load checks as a function, references, and the suite on a device registered from it; and
+check_transport, which passes kvfuse's tcp transport and catches broken ones."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import kvfuse.testing as kit
 import pytest
 import torch
 from kvfuse._registry import Registry, reset_registry
+from kvfuse.transfer import TcpTransport
 
 
 class Mover(kit.DeviceSkeleton):
@@ -106,3 +108,34 @@ def test_a_device_without_api_version_is_broken() -> None:
     assert "declares no api_version" in kit.check_device(NoVersion())[0]
     reg = Registry()
     assert reg.register(_Plugin(NoVersion()), name="noversion") == [] and "api_version" in reg.broken[0].reason
+
+
+# -- check_transport: the properties of every page transport ------------------------------
+
+
+class DropsLastPage(TcpTransport):
+    """Acknowledges every page, delivers all but the last."""
+
+    def send_pages(self, k_pages, v_pages, src_ids, peer, dst_ids, *, non_blocking=False):  # type: ignore[no-untyped-def]
+        handle = super().send_pages(k_pages, v_pages, src_ids[:-1], peer, dst_ids[:-1], non_blocking=non_blocking)
+        return kvfuse.TransferHandle(list(dst_ids), handle._future)  # type: ignore[attr-defined]
+
+
+class TrustsTheCaller(TcpTransport):
+    """Sends whatever ids it is given: a destination named twice goes through."""
+
+    def send_pages(self, k_pages, v_pages, src_ids, peer, dst_ids, *, non_blocking=False):  # type: ignore[no-untyped-def]
+        if len(set(dst_ids)) != len(dst_ids):
+            return kvfuse.TransferHandle(list(dst_ids))  # "done"
+        return super().send_pages(k_pages, v_pages, src_ids, peer, dst_ids, non_blocking=non_blocking)
+
+
+def test_check_transport_passes_the_tcp_transport() -> None:
+    assert kit.check_transport(TcpTransport) == []
+
+
+def test_check_transport_finds_a_lost_page_and_a_bad_send_let_through() -> None:
+    lost = kit.check_transport(DropsLastPage)
+    assert any("is not the sent pages" in p for p in lost), lost
+    trusting = kit.check_transport(TrustsTheCaller)
+    assert trusting == ["a send with a destination named twice went through"], trusting

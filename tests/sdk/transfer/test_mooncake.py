@@ -119,3 +119,9 @@ def test_bad_descriptor_is_rejected_before_sending(sender: MooncakeTransport) ->
         sender.send_pages(k, v, [0], desc, [4])
     with pytest.raises(kvfuse.TransferError, match="geometry"):
         sender.send_pages(k, v, [0], {**desc, "page_bytes": 7}, [0])  # type: ignore[typeddict-item]
+
+
+def test_check_transport_passes_mooncake() -> None:
+    from kvfuse.testing import check_transport
+
+    assert check_transport(MooncakeTransport, timeout=30) == []
