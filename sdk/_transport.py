@@ -60,15 +60,18 @@ class Transport(abc.ABC):
 def check_send(k_pages: torch.Tensor, src_ids: list[int], peer: PoolDescriptor, dst_ids: list[int]) -> int:
     """A send's arguments, checked before any byte moves: the pages' size equal on both
     sides, as many sources as destinations, every id in its pool, no destination twice.
-    Returns the page's bytes; TransferError naming every destination page otherwise."""
+    Returns the page's bytes; otherwise a TransferError that names the argument at fault
+    and every destination page."""
     page = k_pages[0].numel() * k_pages.element_size()
     if page != peer["page_bytes"]:
-        raise TransferError(f"page geometry differs: {page} bytes here, {peer['page_bytes']} at the peer", dst_ids)
-    if (
-        len(src_ids) != len(dst_ids)
-        or len(set(dst_ids)) != len(dst_ids)
-        or any(not 0 <= d < peer["num_pages"] for d in dst_ids)
-        or any(not 0 <= s < k_pages.shape[0] for s in src_ids)
-    ):
-        raise TransferError("page ids out of range, repeated at the destination, or of different lengths", dst_ids)
+        there = peer["page_bytes"]
+        raise TransferError(f"peer: page geometry differs: {page} bytes here, {there} at the peer", dst_ids)
+    if len(src_ids) != len(dst_ids):
+        raise TransferError(f"dst_ids: different lengths: {len(dst_ids)} ids for {len(src_ids)} src_ids", dst_ids)
+    for name, ids, top in (("src_ids", src_ids, k_pages.shape[0]), ("dst_ids", dst_ids, peer["num_pages"])):
+        bad = [i for i in ids if not 0 <= i < top]
+        if bad:
+            raise TransferError(f"{name}: page ids out of range [0, {top}): {bad[:8]}", dst_ids)
+    if len(set(dst_ids)) != len(dst_ids):
+        raise TransferError("dst_ids: a destination page repeated", dst_ids)
     return page

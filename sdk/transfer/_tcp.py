@@ -63,6 +63,7 @@ from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
 from kvfuse._transport import PoolDescriptor, Transport, check_send
 from kvfuse.ops import TransferHandle
+from kvfuse.store._pool import bytes_of
 
 MAGIC, VERSION, HELLO = b"KVFT", 1, b"KVFH"
 NONCE, TAG = 16, 32
@@ -73,7 +74,7 @@ IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 def _pages(t: torch.Tensor, ids: list[int]) -> list[memoryview]:
     """The bytes of pages ``ids`` of contiguous host ``t``, one view each, no copy."""
-    whole = memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    whole = bytes_of(t)
     size = whole.nbytes // t.shape[0]
     return [whole[i * size : (i + 1) * size] for i in ids]
 

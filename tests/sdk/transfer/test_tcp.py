@@ -7,7 +7,6 @@ only, so these tests need no network namespace."""
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvfuse.transfer import TcpTransport
 from kvfuse.transfer._peer import page_digest
-from kvfuse.transfer._tcp import HEADER, HELLO, MAGIC, NONCE, REFUSED, TAG, VERSION, _tag
-from transfercases import Peer, pool
+from kvfuse.transfer._tcp import HELLO, NONCE, REFUSED, TAG
+from transfercases import Peer, message, pool, rogue_send
 
 
 @pytest.fixture
@@ -90,28 +89,6 @@ def test_any_pages_to_any_pages_move_exact_bits_and_touch_nothing_else(data: st.
         rx.close()
 
 
-def _raw(desc: dict, head: bytes, payload: bytes = b"") -> bytes:  # type: ignore[type-arg]
-    """Send bytes as a rogue sender would; the receiver's answer (b"" if it only closed)."""
-    host, _, port = desc["session"].rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        try:
-            nonces = s.recv(len(HELLO) + NONCE, socket.MSG_WAITALL)[len(HELLO) :] + bytes(NONCE)
-            s.sendall(bytes(NONCE) + _tag(None, b"send", nonces))  # the handshake of an unkeyed sender
-            assert s.recv(TAG, socket.MSG_WAITALL) == _tag(None, b"recv", nonces)
-            s.sendall(head + payload)
-            s.shutdown(socket.SHUT_WR)
-            return s.recv(1)
-        except OSError:  # closed on us (reset, broken pipe, not connected): refused without a word
-            return b""
-
-
-def _message(desc: dict, ids: list[int], **fields: object) -> bytes:  # type: ignore[type-arg]
-    f = {"magic": MAGIC, "version": VERSION, "pool": desc["k_addr"], "page_bytes": desc["page_bytes"], "n": len(ids)}
-    f.update(fields)
-    head = HEADER.pack(f["magic"], f["version"], 0, f["pool"], f["page_bytes"], f["n"], 0)
-    return head + struct.pack(f"<{len(ids)}I", *ids)
-
-
 @pytest.mark.parametrize(
     ("why", "ids", "fields"),
     [
@@ -129,14 +106,14 @@ def test_a_bad_message_is_refused_before_a_byte_lands(receiver: tuple, why: str,
     k.fill_(0), v.fill_(0)
     refused = rx.refused
     payload = b"\xff" * (2 * len(ids) * desc["page_bytes"])
-    assert _raw(desc, _message(desc, ids, **fields), payload) in (REFUSED, b""), why
+    assert rogue_send(desc, message(desc, ids, **fields) + payload) in (REFUSED, b""), why
     assert rx.refused == refused + 1
     assert not k.any() and not v.any(), why
 
 
 def test_a_sender_gone_mid_message_leaves_the_receiver_serving(receiver: tuple) -> None:  # type: ignore[type-arg]
     _, k, v, desc = receiver
-    assert _raw(desc, _message(desc, [1, 2]), b"\x01" * 10) == b""  # closed mid-payload: no OK
+    assert rogue_send(desc, message(desc, [1, 2]) + b"\x01" * 10) == b""  # closed mid-payload: no OK
     tx = TcpTransport()
     try:
         src_k, src_v = torch.randn(4, 2, 2, 4), torch.randn(4, 2, 2, 4)
@@ -185,16 +162,16 @@ def test_a_bad_send_is_refused_before_connecting(sender: TcpTransport, receiver:
     rx, _, _, desc = receiver
     k, v = torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4)
     served = rx.refused
-    for src, dst, peer, match in (
-        ([0], [64], desc, "out of range"),
-        ([4], [0], desc, "out of range"),
-        ([0, 1], [2, 2], desc, "repeated"),
-        ([0, 1], [2], desc, "different lengths"),
-        ([0], [0], {**desc, "page_bytes": 7}, "geometry"),
+    for src, dst, peer, match, argument in (
+        ([0], [64], desc, "out of range", "dst_ids"),
+        ([4], [0], desc, "out of range", "src_ids"),
+        ([0, 1], [2, 2], desc, "repeated", "dst_ids"),
+        ([0, 1], [2], desc, "different lengths", "dst_ids"),
+        ([0], [0], {**desc, "page_bytes": 7}, "geometry", "peer"),
     ):
         with pytest.raises(kvfuse.TransferError, match=match) as info:
             sender.send_pages(k, v, src, peer, dst)  # type: ignore[arg-type]
-        assert info.value.failed_pages == dst
+        assert info.value.failed_pages == dst and str(info.value).startswith(f"{argument}: ")
     assert rx.refused == served  # nothing reached the receiver
     with pytest.raises(kvfuse.TransferError, match="host memory"):
         sender.register_pool(torch.empty(4, 16, 4, 64, device="meta"), torch.empty(4, 16, 4, 64, device="meta"))

@@ -6,16 +6,13 @@ changed."""
 
 from __future__ import annotations
 
-import socket
-import struct
-
 import kvfuse
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from kvfuse.transfer import TcpTransport
-from kvfuse.transfer._tcp import HEADER, HELLO, MAGIC, NONCE, TAG, VERSION, _tag
+from transfercases import message, rogue_send
 
 PAGES, SRC_PAGES, ROW = 12, 8, (2, 2, 4)  # pool pages, source pages, page = 2 tokens x 2 heads x 4
 
@@ -85,18 +82,7 @@ class TransportMachine(RuleBasedStateMachine):
     def rogue_message(self, r: int, ids: list[int]) -> None:
         """A message naming another pool (or bad ids): refused, and nothing lands."""
         desc = self.descs[r]
-        host, _, port = desc["session"].rpartition(":")
-        head = HEADER.pack(MAGIC, VERSION, 0, desc["k_addr"] + 1, desc["page_bytes"], len(ids), 0)
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            nonces = sock.recv(len(HELLO) + NONCE, socket.MSG_WAITALL)[len(HELLO) :] + bytes(NONCE)
-            sock.sendall(bytes(NONCE) + _tag(None, b"send", nonces))
-            assert sock.recv(TAG, socket.MSG_WAITALL) == _tag(None, b"recv", nonces)
-            try:
-                sock.sendall(head + struct.pack(f"<{len(ids)}I", *ids) + bytes(2 * len(ids) * desc["page_bytes"]))
-                sock.shutdown(socket.SHUT_WR)
-                sock.recv(1)
-            except OSError:
-                pass  # closed on us: refused
+        rogue_send(desc, message(desc, ids, pool=desc["k_addr"] + 1) + bytes(2 * len(ids) * desc["page_bytes"]))
 
     @precondition(lambda self: self.made < 4)
     @rule(s=st.integers(0, 1))
