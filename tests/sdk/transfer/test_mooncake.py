@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -110,6 +111,28 @@ def test_peer_killed_mid_transfer_names_the_pages(sender: MooncakeTransport) -> 
     failed = info.value.failed_pages
     assert failed and set(failed) <= set(ids) and failed == ids[ids.index(failed[0]) :]
     assert failed[0] >= sender.progress - 64  # the pages after the last completed batch
+
+
+def test_stalled_peer_is_a_transfer_error_within_the_timeout() -> None:
+    """A receiver that stops answering (SIGSTOP: its connections stay open) makes the send
+    a TransferError naming every page once the transport's timeout passes, not a hang."""
+    sender = MooncakeTransport(timeout=2.0)
+    peer = Peer(num_pages=256)
+    try:
+        k, v = pool(256)
+        sender.register_pool(k, v)
+        ids = list(range(256))
+        sender.send_pages(k, v, [0], peer.descriptor, [0])  # the segment opened: the peer was alive
+        peer.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(kvfuse.TransferError) as info:
+            sender.send_pages(k, v, ids, peer.descriptor, ids).wait(timeout=60)
+        assert time.monotonic() - start < 30
+        assert info.value.failed_pages == ids
+    finally:
+        peer.proc.send_signal(signal.SIGCONT)
+        peer.close()
+        sender.close()
 
 
 def test_bad_descriptor_is_rejected_before_sending(sender: MooncakeTransport) -> None:
