@@ -274,3 +274,28 @@ def test_mac_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("KVFUSE_SHORT", "ab" * 4)
     with pytest.raises(kvfuse.StoreError, match="16 to 64 bytes"):
         _disk_store(tmp_path / "c", mac_key_env="KVFUSE_SHORT")
+
+
+@pytest.mark.parametrize("layer", [0, 5, 7])
+def test_a_value_checked_in_shares_is_rejected_for_a_bad_byte_in_any_layer(layer: int) -> None:
+    """A value large enough that its layers are checked in shares on several threads
+    (the remote tier's get): a flipped bit in any layer's K or V is a ChunkRejected naming
+    that layer; the untouched value decodes bit-exact."""
+    import torch
+    from kvfuse.store import Namespace
+    from kvfuse.store._disk import _CHECK_PART, ChunkRejected, decode, encode
+
+    ns = Namespace(model_id="big", num_layers=8, num_kv_heads=4, head_dim=64, dtype="fp32", page_size=16)
+    g = torch.Generator().manual_seed(layer)
+    k, v = torch.randn(2, *ns.chunk_shape(1024), generator=g)
+    value = bytearray(encode("big-chunk", ns, k, v))
+    assert 2 * k.numel() * 4 >= 2 * _CHECK_PART  # at least two shares
+    got = decode(value, "big-chunk", ns, copy=False)
+    assert same_bits(got[0], k) and same_bits(got[1], v)
+    for half in (0, 1):  # K, then V
+        bad = bytearray(value)
+        layer_bytes = k[0].numel() * 4
+        at = len(bad) - 2 * k.numel() * 4 + (2 * layer + half) * layer_bytes + layer_bytes // 2
+        bad[at] ^= 0x10
+        with pytest.raises(ChunkRejected, match=f"layer {layer}$"):
+            decode(bad, "big-chunk", ns, copy=False)
