@@ -154,7 +154,7 @@ class MooncakeTransport(Transport):
         core per waiter; where cores are few (2 here) that core is taken from the engine's
         own I/O threads, and one-slice transfers ran at 2.2–2.5 instead of 2.5–3.6 GB/s.
         """
-        ok = True
+        ok = True  # past the deadline, slices still moving are left to the engine
         while slices:
             rc = self.engine.transfer_check_status(slices[0])
             if rc == 0:  # still moving
