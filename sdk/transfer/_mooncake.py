@@ -31,6 +31,7 @@ from kvfuse.ops import TransferHandle
 BATCH_PAGES = 64
 IN_FLIGHT = 8
 POLL_S = 1e-4  # between looks at a slice still moving
+_Batch = tuple[list[int], int, int, float]  # (its slices' batch ids, first page index, pages, deadline)
 
 
 class MooncakeTransport(Transport):
@@ -106,9 +107,17 @@ class MooncakeTransport(Transport):
 
         def write(k_pages: torch.Tensor, v_pages: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> None:
             self.progress = 0
-            pending: list[
-                tuple[list[int], int, int, float]
-            ] = []  # (slices' batch ids, first page index, pages, deadline)
+            pending: list[_Batch] = []
+
+            def submit(local: int, remote: int, length: int) -> int:
+                lost = dst_ids[pending[0][1] :]  # from the first page not yet written
+                try:
+                    batch: int = self.engine.transfer_submit_write(peer["session"], local, remote, length)
+                except Exception as exc:
+                    raise TransferError(f"transfer to {peer['session']} failed: {exc}", lost) from exc
+                if batch <= 0:
+                    raise TransferError(f"transfer to {peer['session']} could not be submitted ({batch})", lost)
+                return batch
 
             def settle(slices: list[int], first: int, count: int, deadline: float) -> None:
                 if not self._wait(slices, deadline):
@@ -121,17 +130,7 @@ class MooncakeTransport(Transport):
                     slices: list[int] = []
                     pending.append((slices, i, len(srcs), time.monotonic() + self.timeout))
                     for local, remote, length in zip(*_slices(srcs, dsts, page, k_pages, v_pages, peer), strict=True):
-                        try:
-                            batch = self.engine.transfer_submit_write(peer["session"], local, remote, length)
-                        except Exception as exc:
-                            raise TransferError(
-                                f"transfer to {peer['session']} failed: {exc}", dst_ids[pending[0][1] :]
-                            ) from exc
-                        if batch <= 0:
-                            raise TransferError(
-                                f"transfer to {peer['session']} could not be submitted", dst_ids[pending[0][1] :]
-                            )
-                        slices.append(batch)
+                        slices.append(submit(local, remote, length))
                     if len(pending) >= IN_FLIGHT:
                         settle(*pending.pop(0))
                 while pending:
