@@ -4,4 +4,4 @@ compiler or Python's headers the install goes on, and the device copies through 
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("kvfuse.devices.cpu._rows", ["devices/cpu/rows.c"], optional=True)])
+setup(ext_modules=[Extension("kvfuse.devices.cpu._rows", ["devices/cpu/rows.c"], libraries=["dl"], optional=True)])

@@ -25,6 +25,27 @@ try:
 except ImportError:  # installed without a C compiler
     _rows = None
 
+
+def _openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime torch loaded (libgomp, or Intel's libiomp5, which
+    has GOMP_parallel too), from this process's memory map; None where there is none."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/lib" in line and ("gomp" in line or "iomp" in line)}
+    except OSError:
+        return None
+    return min(paths, default=None)
+
+
+def _use_team() -> bool:
+    """Whether copy_rows splits its rows over torch's OpenMP team (see rows.c); else
+    ``_copy_rows`` splits them over Python threads (``_copiers``)."""
+    path = _openmp_runtime() if _rows is not None else None
+    return path is not None and bool(_rows.use_openmp(path))
+
+
+TEAM = _use_team()
+
 PART_BYTES = 1 << 20  # the least work worth handing to another thread
 _copiers = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="kvfuse-rows")
 WORDS = {16: torch.complex128, 8: torch.int64}  # bytes -> the word type, widest first
@@ -142,8 +163,9 @@ def _host_row(t: torch.Tensor) -> int:
 
 def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """``copy_pages`` by ``_rows.copy_rows``, the pages split into one part per intra-op
-    thread (the caller copies the first). The ids become addresses, so they are checked
-    here too: an id out of range is an IndexRangeError before any byte moves.
+    thread: over torch's OpenMP team (``TEAM``), else over Python threads, the caller
+    copying the first part. The ids become addresses, so they are checked here too: an
+    id out of range is an IndexRangeError before any byte moves.
 
     pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim], contiguous, on the
     cpu, pages of one size
@@ -161,6 +183,10 @@ def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: 
     if n == 0:
         return
     parts = max(1, min(torch.get_num_threads(), 2 * n * row // PART_BYTES))
+    if TEAM:
+        for s, d in ((src_k, dst_k), (src_v, dst_v)):
+            _rows.copy_rows(d.data_ptr(), ids[1].data_ptr(), s.data_ptr(), ids[0].data_ptr(), 0, n, row, parts)
+        return
 
     def part(i: int) -> None:
         lo, hi = n * i // parts, n * (i + 1) // parts

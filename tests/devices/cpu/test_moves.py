@@ -72,15 +72,35 @@ def test_wide_words_keep_signalling_nans() -> None:
         assert torch.equal(dv[ids.long()].view(torch.int32), v[ids.long()].view(torch.int32))
 
 
-@pytest.fixture(params=["rows.c", "torch"])
+@pytest.fixture(params=["rows.c/team", "rows.c/threads", "torch"])
 def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """copy_pages through the C extension, and through torch's stage as without it."""
-    if request.param == "rows.c":
+    """copy_pages through the C extension (split over torch's OpenMP team, or over Python
+    threads where it cannot reach one), and through torch's stage as without it."""
+    if request.param.startswith("rows.c"):
         if moves._rows is None:
             pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+        if request.param == "rows.c/team" and not moves.TEAM:
+            pytest.skip("no OpenMP runtime loaded by torch")
+        monkeypatch.setattr(moves, "TEAM", request.param == "rows.c/team")
     else:
         monkeypatch.setattr(moves, "_rows", None)
     return str(request.param)
+
+
+def test_the_c_copy_joins_the_openmp_runtime_torch_loaded_and_never_loads_one() -> None:
+    if moves._rows is None:
+        pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+    loaded = moves._openmp_runtime()
+    assert moves.TEAM == (loaded is not None)
+    if loaded is not None:
+        assert Path(loaded).name.startswith(("libgomp", "libiomp"))
+        assert moves._rows.use_openmp(loaded)
+    assert not moves._rows.use_openmp("/nonexistent/libgomp.so.1")
+    maps = Path("/proc/self/maps").read_text()
+    for other in Path("/usr/lib").rglob("libgomp.so*"):  # a runtime on disk, not loaded: stays so
+        if str(other) not in maps and other.resolve() != Path(loaded or "/").resolve():
+            assert not moves._rows.use_openmp(str(other))
+            assert str(other) not in Path("/proc/self/maps").read_text()
 
 
 def test_rows_extension_is_built_where_a_compiler_is() -> None:
