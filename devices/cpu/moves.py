@@ -1,7 +1,10 @@
-"""KV moves on host memory: vectorised torch (one index_select / index_copy_ per tensor),
-and copy_pages between host pools in one pass through ``rows.c`` (the ``_rows``
-extension, built at install where a C compiler is; without it, a gather into a
-cache-sized stage and a scatter out of it).
+"""KV moves on host memory: page moves through ``rows.c`` (the ``_rows`` extension, built
+at install where a C compiler is), split over torch's own OpenMP team; else vectorised
+torch (one index_select / index_copy_ per tensor, and copy_pages as a gather into a
+cache-sized stage and a scatter out of it). Without the team (no OpenMP runtime to
+join), copy_pages still takes ``rows.c`` on Python threads, and gather and scatter take
+torch: on Python threads the C kernel scattered slower than torch, since torch's OpenMP
+workers spin after each op on the cores those threads need.
 
 Moves are bit copies, so rows (pages or tokens) move as the widest words their size and
 alignment allow: 128 bits (complex128), else 64 (int64). torch's index_copy_ copies a row
@@ -15,6 +18,7 @@ a NaN); the tests move signalling NaNs with payloads and random bits.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 
 import torch
@@ -112,6 +116,9 @@ def gather_pages(
         k_buf, v_buf = out
     else:
         k_buf, v_buf = (torch.empty((ids.numel(), *p.shape[1:]), dtype=p.dtype) for p in (k_pages, v_pages))
+    if TEAM and _one_row(k_pages, v_pages, k_buf, v_buf):
+        _copy_rows((k_pages, v_pages, k_buf, v_buf), ids, None)
+        return k_buf, v_buf
     _select(k_pages, ids, k_buf)
     _select(v_pages, ids, v_buf)
     return k_buf, v_buf
@@ -121,6 +128,9 @@ def scatter_pages(
     k_buf: torch.Tensor, v_buf: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_ids: torch.Tensor
 ) -> None:
     ids = page_ids.to(torch.int64)
+    if TEAM and _one_row(k_buf, v_buf, k_pages, v_pages):
+        _copy_rows((k_buf, v_buf, k_pages, v_pages), None, ids)
+        return
     _put(k_pages, ids, k_buf)
     _put(v_pages, ids, v_buf)
 
@@ -140,7 +150,7 @@ def copy_pages(
     staging buffer and scatter from it, chunk by chunk (a full-size temporary would cost a
     page fault per 4 KiB and halve the bandwidth)."""
     pools = (src_k, src_v, dst_k, dst_v)
-    if _rows is not None and len({_host_row(p) for p in pools}) == 1 and _host_row(src_k):
+    if _rows is not None and _one_row(*pools):
         _copy_rows(pools, src_ids, dst_ids)
         return
     src, dst = src_ids.to(torch.int64), dst_ids.to(torch.int64)
@@ -158,28 +168,35 @@ def _host_row(t: torch.Tensor) -> int:
     """Bytes per page of ``t`` if it is a contiguous host pool, else 0."""
     if t.device.type != "cpu" or t.dim() < 2 or not t.is_contiguous():
         return 0
-    return t[0].numel() * t.element_size()
+    return math.prod(t.shape[1:]) * t.element_size()
 
 
-def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    """``copy_pages`` by ``_rows.copy_rows``, the pages split into one part per intra-op
-    thread: over torch's OpenMP team (``TEAM``), else over Python threads, the caller
-    copying the first part. The ids become addresses, so they are checked here too: an
-    id out of range is an IndexRangeError before any byte moves.
+def _one_row(*ts: torch.Tensor) -> bool:
+    """``ts`` are contiguous host pools or buffers with rows (pages) of one size: what
+    ``_rows`` moves."""
+    return len({_host_row(t) for t in ts}) == 1 and _host_row(ts[0]) > 0
 
-    pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim], contiguous, on the
-    cpu, pages of one size
+
+def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor | None, dst_ids: torch.Tensor | None) -> None:
+    """Rows ``src_ids`` of the sources into rows ``dst_ids`` of the destinations (None:
+    rows 0, 1, ... of a buffer) by ``_rows.copy_rows``, the pages split into one part per
+    intra-op thread: over torch's OpenMP team (``TEAM``), else over Python threads, the
+    caller copying the first part. The ids become addresses, so they are checked here too:
+    an id out of range is an IndexRangeError before any byte moves.
+
+    pools: src_k, src_v, dst_k, dst_v: [num_pages, page_size, num_kv_heads, head_dim] (or
+    [n, ...] buffers), contiguous, on the cpu, pages of one size
     """
     src_k, src_v, dst_k, dst_v = pools
-    row = src_k[0].numel() * src_k.element_size()
+    row = _host_row(src_k)
+    n = (src_ids if src_ids is not None else dst_ids).numel()  # type: ignore[union-attr]
     ids = []
     for name, t, pair in (("src_ids", src_ids, (src_k, src_v)), ("dst_ids", dst_ids, (dst_k, dst_v))):
-        t = t.to(torch.int64).contiguous()
+        t = torch.arange(n) if t is None else t.to(torch.int64).contiguous()
         top = min(p.shape[0] for p in pair)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
             raise IndexRangeError(name, f"page ids in [0, {top})", f"ids from {int(t.min())} to {int(t.max())}")
         ids.append(t)
-    n = ids[0].numel()
     if n == 0:
         return
     parts = max(1, min(torch.get_num_threads(), 2 * n * row // PART_BYTES))

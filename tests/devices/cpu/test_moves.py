@@ -1,5 +1,6 @@
 """cpu moves: bit copies, as 128- or 64-bit words where rows allow and in the tensor's dtype where not;
-copy_pages through the C extension and through torch alike."""
+every move through the C extension on torch's OpenMP team, copy_pages on Python threads
+too, and every move through torch alike."""
 
 from __future__ import annotations
 
@@ -31,8 +32,24 @@ WIDTH = {  # (row, dtype) -> the word the rows move as, in bytes
 }
 
 
+@pytest.fixture(params=["rows.c/team", "rows.c/threads", "torch"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """copy_pages through the C extension (split over torch's OpenMP team, or over Python
+    threads where it cannot reach one), and through torch's stage as without it."""
+    if request.param.startswith("rows.c"):
+        if moves._rows is None:
+            pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+        if request.param == "rows.c/team" and not moves.TEAM:
+            pytest.skip("no OpenMP runtime loaded by torch")
+        monkeypatch.setattr(moves, "TEAM", request.param == "rows.c/team")
+    else:
+        monkeypatch.setattr(moves, "_rows", None)
+        monkeypatch.setattr(moves, "TEAM", False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("row", "dtype"), list(WIDTH))
-def test_moves_are_bit_copies(dtype: torch.dtype, row: tuple[int, ...]) -> None:
+def test_moves_are_bit_copies(copy_path: str, dtype: torch.dtype, row: tuple[int, ...]) -> None:
     k, v = _pool((40, *row), dtype, 1), _pool((40, *row), dtype, 2)
     assert moves._width(k) == WIDTH[row, dtype]
     ids = torch.tensor([7, 0, 39, 12], dtype=torch.int32)
@@ -50,7 +67,7 @@ def test_moves_are_bit_copies(dtype: torch.dtype, row: tuple[int, ...]) -> None:
     assert (dv[untouched].view(torch.uint8) == 0).all()
 
 
-def test_wide_words_keep_signalling_nans() -> None:
+def test_wide_words_keep_signalling_nans(copy_path: str) -> None:
     """complex128 rows whose every double is a signalling NaN with a payload, and a pool
     only 8-byte aligned: every move keeps every bit."""
     g = torch.Generator().manual_seed(3)
@@ -70,21 +87,6 @@ def test_wide_words_keep_signalling_nans() -> None:
         moves.copy_pages(src, v, ids, dk, dv, ids + 0)
         assert torch.equal(dk[ids.long()].view(torch.int32), src[ids.long()].view(torch.int32))
         assert torch.equal(dv[ids.long()].view(torch.int32), v[ids.long()].view(torch.int32))
-
-
-@pytest.fixture(params=["rows.c/team", "rows.c/threads", "torch"])
-def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """copy_pages through the C extension (split over torch's OpenMP team, or over Python
-    threads where it cannot reach one), and through torch's stage as without it."""
-    if request.param.startswith("rows.c"):
-        if moves._rows is None:
-            pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
-        if request.param == "rows.c/team" and not moves.TEAM:
-            pytest.skip("no OpenMP runtime loaded by torch")
-        monkeypatch.setattr(moves, "TEAM", request.param == "rows.c/team")
-    else:
-        monkeypatch.setattr(moves, "_rows", None)
-    return str(request.param)
 
 
 def test_the_c_copy_joins_the_openmp_runtime_torch_loaded_and_never_loads_one() -> None:
