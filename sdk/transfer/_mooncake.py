@@ -7,8 +7,8 @@ awaited, so the engine always has work queued; each slice is submitted on its ow
 (``transfer_submit_write``) and awaited by polling its status with short sleeps
 (``_wait``), not by the engine's spinning wait. A failed batch, or one not done within
 ``timeout``, names the pages from its first on as lost. Where the destinations run but the
-sources do not, the pages are first copied in destination order into a registered stage,
-so each destination run is one slice (``_gathered``). Over TCP here (``P2PHANDSHAKE``
+sources do not, the pages are first copied in destination order into a registered stage
+(page by page on two threads), so each destination run is one slice (``_gathered``). Over TCP here (``P2PHANDSHAKE``
 metadata, no server needed); RDMA by configuration (``protocol="rdma"``, ``devices``: the
 NICs): there the engine's writes are the NIC's, the CPU only posts them, and the batching
 matters less than the slice count.
@@ -17,11 +17,11 @@ matters less than the slice count.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import threading
 import time
 from typing import Any
 
-import kvfuse
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
@@ -57,6 +57,7 @@ class MooncakeTransport(Transport):
         self.timeout = timeout  # seconds a batch of pages may take before its pages count as lost
         self._registered: dict[int, int] = {}
         self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-mooncake")
+        self._copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-mooncake-stage")
         self._stage: tuple[torch.Tensor, torch.Tensor] | None = None  # registered, for gathered sends
         self._stage_lock = threading.Lock()  # one send uses the stage until its last batch is written
         self.progress = 0  # pages sent by the current or last send (for monitoring)
@@ -191,22 +192,32 @@ class MooncakeTransport(Transport):
                 self.engine.unregister_memory(t.data_ptr())
                 self._registered.pop(t.data_ptr(), None)
             self._stage = stage = new
-        ids = torch.tensor([src_ids[j] for j in order], dtype=torch.int32)
-        if k_pages.dim() == 4 and k_pages.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            # the cpu device's copy: its own threads, which sleep when done; torch's OpenMP
-            # threads spin for a while after a parallel index_select, and on few cores they
-            # took the engine's I/O threads' time (the send after it ran 1.5-2x slower)
-            kvfuse.copy_pages(k_pages, v_pages, ids, *stage, torch.arange(n, dtype=torch.int32), device="cpu")
-        else:
-            torch.index_select(k_pages, 0, ids.long(), out=stage[0][:n])
-            torch.index_select(v_pages, 0, ids.long(), out=stage[1][:n])
+        page = k_pages[0].numel() * k_pages.element_size()
+        moves = [
+            (into.data_ptr() + i * page, pool.data_ptr() + src_ids[j] * page)
+            for pool, into in zip((k_pages, v_pages), stage, strict=True)
+            for i, j in enumerate(order)
+        ]
+        # page by page on two of this transport's threads (ctypes releases the GIL), not
+        # torch's OpenMP team: its workers spin for a while after each parallel op, and on
+        # few cores they took the engine's I/O threads' time (the send after ran 1.5-2x slower)
+        half = len(moves) // 2
+        other = self._copier.submit(_memmove_all, moves[half:], page)
+        _memmove_all(moves[:half], page)
+        other.result()
         return stage[0], stage[1], list(range(n)), dsts
 
     def close(self) -> None:
         self._sender.shutdown(wait=True)
+        self._copier.shutdown(wait=True)
         for ptr in list(self._registered):
             self.engine.unregister_memory(ptr)
         self._registered.clear()
+
+
+def _memmove_all(moves: list[tuple[int, int]], nbytes: int) -> None:
+    for dst, src in moves:
+        ctypes.memmove(dst, src, nbytes)
 
 
 def _runs(srcs: list[int], dsts: list[int]) -> list[list[int]]:
