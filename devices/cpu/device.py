@@ -5,8 +5,9 @@ plain causal prefill, which run on torch's cpu flash-attention kernel where it w
 measured faster (``decode.py``); each plan routes its requests once. The ops OpenVINO
 does not fit (moves, merge, rope_rerotate, blend_select) are vectorised torch on host
 memory, but for page moves between contiguous host pools and buffers: one pass in C
-(``rows.c``, ``moves.py``) on torch's own OpenMP team, where that extension was built. fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
-otherwise run them in bf16 on AVX-512 BF16 parts). Scores are f32 for every dtype; bf16
+(``rows.c``, ``moves.py``) on torch's own OpenMP team, where that extension was built.
+fp32 calls compile with ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would otherwise
+run them in bf16 on AVX-512 BF16 parts). Scores are f32 for every dtype; bf16
 probabilities and values feed the second MatMul as bf16 with fp32 accumulation.
 """
 

@@ -38,7 +38,8 @@ def _openmp_runtime() -> str | None:
             paths = {line.split()[-1] for line in maps if "/lib" in line and ("gomp" in line or "iomp" in line)}
     except OSError:
         return None
-    return min(paths, default=None)
+    torch_dir = os.path.dirname(torch.__file__)
+    return min(paths, key=lambda p: (not p.startswith(torch_dir), p), default=None)  # torch's own first
 
 
 def _use_team() -> bool:
