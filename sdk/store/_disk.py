@@ -227,8 +227,9 @@ def decode(
     if parts < 2:
         check(range(n))
     else:  # the checksums run outside the GIL: one share of the layers per core
-        shares = [range(n * j // parts, n * (j + 1) // parts) for j in range(parts)]
-        for done in [_checkers.submit(check, r) for r in shares]:
+        shares = [_checkers.submit(check, range(n * j // parts, n * (j + 1) // parts)) for j in range(parts)]
+        concurrent.futures.wait(shares)  # none still reads the value when this returns
+        for done in shares:
             done.result()  # the first share's mismatch first
     if not copy and not view.readonly and start % ALIGN == 0 and meta.payload_bytes:
         both = torch.frombuffer(view[start : start + meta.payload_bytes], dtype=torch.uint8).view(dtype)
