@@ -57,12 +57,20 @@ class Transport(abc.ABC):
         """Release the engine's resources."""
 
 
+def page_bytes(pages: torch.Tensor) -> int:
+    """Bytes of one page of a pool.
+
+    pages: [num_pages, page_size, num_kv_heads, head_dim], any dtype
+    """
+    return pages[0].numel() * pages.element_size()
+
+
 def check_send(k_pages: torch.Tensor, src_ids: list[int], peer: PoolDescriptor, dst_ids: list[int]) -> int:
     """A send's arguments, checked before any byte moves: the pages' size equal on both
     sides, as many sources as destinations, every id in its pool, no destination twice.
     Returns the page's bytes; otherwise a TransferError that names the argument at fault
     and every destination page."""
-    page = k_pages[0].numel() * k_pages.element_size()
+    page = page_bytes(k_pages)
     if page != peer["page_bytes"]:
         there = peer["page_bytes"]
         raise TransferError(f"peer: page geometry differs: {page} bytes here, {there} at the peer", dst_ids)

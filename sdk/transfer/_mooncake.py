@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport, check_send
+from kvfuse._transport import PoolDescriptor, Transport, check_send, page_bytes
 from kvfuse.ops import TransferHandle
 
 BATCH_PAGES = 64
@@ -79,7 +79,7 @@ class MooncakeTransport(Transport):
             session=self.session,
             k_addr=k_pages.data_ptr(),
             v_addr=v_pages.data_ptr(),
-            page_bytes=k_pages[0].numel() * k_pages.element_size(),
+            page_bytes=page_bytes(k_pages),
             num_pages=k_pages.shape[0],
         )
 
@@ -100,7 +100,7 @@ class MooncakeTransport(Transport):
 
         def send() -> None:
             with self._stage_lock:
-                staged = self._gathered(k_pages, v_pages, src_ids, dst_ids)
+                staged = self._gathered(k_pages, v_pages, src_ids, dst_ids, page)
                 if staged is None:
                     write(k_pages, v_pages, src_ids, dst_ids)
                 else:
@@ -167,13 +167,14 @@ class MooncakeTransport(Transport):
         return ok
 
     def _gathered(
-        self, k_pages: torch.Tensor, v_pages: torch.Tensor, src_ids: list[int], dst_ids: list[int]
+        self, k_pages: torch.Tensor, v_pages: torch.Tensor, src_ids: list[int], dst_ids: list[int], page: int
     ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
         """Where the destination pages run consecutively but the sources do not, the pages
         gathered in destination order into this transport's registered stage, as (stage K,
         stage V, their ids there, the destinations): one slice per destination run instead
-        of one per page (Mooncake's TCP transport pays per slice; the gather runs at the
-        memory's speed). None where it would not merge at least half the slices.
+        of one per page (Mooncake's TCP transport pays per slice, and a copy of the pages
+        costs a fraction of sending them). None where it would not merge at least half the
+        slices. ``page``: the pages' bytes.
 
         k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim], any dtype (the
         stage takes it)
@@ -192,7 +193,6 @@ class MooncakeTransport(Transport):
                 self.engine.unregister_memory(t.data_ptr())
                 self._registered.pop(t.data_ptr(), None)
             self._stage = stage = new
-        page = k_pages[0].numel() * k_pages.element_size()
         moves = [
             (into.data_ptr() + i * page, pool.data_ptr() + src_ids[j] * page)
             for pool, into in zip((k_pages, v_pages), stage, strict=True)

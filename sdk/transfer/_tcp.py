@@ -61,7 +61,7 @@ import threading
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport, check_send
+from kvfuse._transport import PoolDescriptor, Transport, check_send, page_bytes
 from kvfuse.ops import TransferHandle
 from kvfuse.store._pool import bytes_of
 
@@ -171,7 +171,7 @@ class TcpTransport(Transport):
             session=f"{self.host}:{port}",
             k_addr=k_pages.data_ptr(),
             v_addr=v_pages.data_ptr(),
-            page_bytes=k_pages[0].numel() * k_pages.element_size(),
+            page_bytes=page_bytes(k_pages),
             num_pages=k_pages.shape[0],
         )
 
@@ -226,12 +226,12 @@ class TcpTransport(Transport):
     def _destination(self, conn: socket.socket, head: bytes) -> list[memoryview] | None:
         """The pool pages a message's payload goes into (K's, then V's), or None if this
         receiver refuses it."""
-        magic, version, _, pool_id, page_bytes, n, _ = HEADER.unpack(head)
+        magic, version, _, pool_id, size, n, _ = HEADER.unpack(head)
         pool = self._pools.get(pool_id) if magic == MAGIC and version == VERSION else None
         if pool is None:
             return None
         k, v = pool
-        if page_bytes != k[0].numel() * k.element_size() or n > k.shape[0]:
+        if size != page_bytes(k) or n > k.shape[0]:
             return None
         ids = list(struct.unpack(f"<{n}I", _recv_exact(conn, 4 * n)))
         if len(set(ids)) != n or any(i >= k.shape[0] for i in ids):

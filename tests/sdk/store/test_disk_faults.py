@@ -291,7 +291,7 @@ def test_a_value_checked_in_shares_is_rejected_for_a_bad_byte_in_any_layer(layer
     value = bytearray(encode("big-chunk", ns, k, v))
     assert 2 * k.numel() * 4 >= 2 * _CHECK_PART  # at least two shares
     got = decode(value, "big-chunk", ns, copy=False)
-    assert same_bits(got[0], k) and same_bits(got[1], v)
+    assert same_bits(got, (k, v))
     for half in (0, 1):  # K, then V
         bad = bytearray(value)
         layer_bytes = k[0].numel() * 4
