@@ -57,6 +57,14 @@ class Transport(abc.ABC):
         """Release the engine's resources."""
 
 
+def check_timeout(timeout: float) -> float:
+    """A transport's ``timeout``: seconds, finite and above zero; else a TransferError
+    naming it, before the transport takes any resource."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise TransferError(f"timeout: expected seconds above zero, got {timeout!r}")
+    return float(timeout)
+
+
 def page_bytes(pages: torch.Tensor) -> int:
     """Bytes of one page of a pool.
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport, check_send, page_bytes
+from kvfuse._transport import PoolDescriptor, Transport, check_send, check_timeout, page_bytes
 from kvfuse.ops import TransferHandle
 
 BATCH_PAGES = 64
@@ -45,6 +45,7 @@ class MooncakeTransport(Transport):
         devices: str = "",
         timeout: float = 60.0,
     ) -> None:
+        self.timeout = check_timeout(timeout)  # seconds a batch of pages may take before its pages count as lost
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:
@@ -54,7 +55,6 @@ class MooncakeTransport(Transport):
         if rc != 0:
             raise TransferError(f"Mooncake TransferEngine.initialize failed (code {rc})")
         self.session = f"{hostname}:{self.engine.get_rpc_port()}"
-        self.timeout = timeout  # seconds a batch of pages may take before its pages count as lost
         self._registered: dict[int, int] = {}
         self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-mooncake")
         self._copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-mooncake-stage")

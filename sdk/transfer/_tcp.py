@@ -61,7 +61,7 @@ import threading
 import torch
 from kvfuse._errors import TransferError
 from kvfuse._hookspecs import hookimpl
-from kvfuse._transport import PoolDescriptor, Transport, check_send, page_bytes
+from kvfuse._transport import PoolDescriptor, Transport, check_send, check_timeout, page_bytes
 from kvfuse.ops import TransferHandle
 from kvfuse.store._pool import bytes_of
 
@@ -142,7 +142,7 @@ class TcpTransport(Transport):
     def __init__(self, host: str = "127.0.0.1", timeout: float = 60.0, key: bytes | None = None) -> None:
         if key is not None and not (isinstance(key, bytes) and 16 <= len(key) <= 64):
             raise TransferError(f"key: expected 16 to 64 bytes, got {len(key) if isinstance(key, bytes) else key!r}")
-        self.host, self.timeout, self.key = host, timeout, key
+        self.host, self.timeout, self.key = host, check_timeout(timeout), key
         self._pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._server: socket.socket | None = None
         self._conns: dict[str, socket.socket] = {}  # ours, to receivers

@@ -139,6 +139,12 @@ def test_stalled_peer_is_a_transfer_error_within_the_timeout() -> None:
         sender.close()
 
 
+def test_a_timeout_that_is_not_seconds_above_zero_is_refused() -> None:
+    for timeout in (0, -2.0, float("nan")):
+        with pytest.raises(kvfuse.TransferError, match="timeout"):
+            MooncakeTransport(timeout=timeout)
+
+
 def test_bad_descriptor_is_rejected_before_sending(sender: MooncakeTransport) -> None:
     k, v = pool(4)
     desc = sender.register_pool(k, v)

@@ -240,6 +240,12 @@ def test_a_key_of_the_wrong_size_is_refused() -> None:
             TcpTransport(key=key)  # type: ignore[arg-type]
 
 
+def test_a_timeout_that_is_not_seconds_above_zero_is_refused() -> None:
+    for timeout in (0, -1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(kvfuse.TransferError, match="timeout"):
+            TcpTransport(timeout=timeout)  # type: ignore[arg-type]
+
+
 def test_a_connection_the_receiver_dropped_while_idle_is_made_anew() -> None:
     rx, tx = TcpTransport(timeout=0.3), TcpTransport()
     try:
