@@ -21,6 +21,7 @@ import concurrent.futures
 import math
 import os
 
+import numpy as np
 import torch
 from kvfuse import IndexRangeError
 
@@ -217,3 +218,39 @@ def _copy_rows(pools: tuple[torch.Tensor, ...], src_ids: torch.Tensor | None, ds
     finally:
         for f in others:
             f.result()
+
+
+def extent(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to the end of its last (0 when empty)."""
+    if t.numel() == 0 or t.is_contiguous():
+        return t.numel() * t.element_size()
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def copy_spans(pairs: list[tuple[torch.Tensor, torch.Tensor]], spans: np.ndarray, *, team: bool) -> bool:
+    """The same byte spans from each ``(dst, src)`` pair's ``src`` into its ``dst``, all
+    in one pass of ``_rows.copy_spans``, split over torch's OpenMP team when ``team`` (the
+    calling thread's own team; on a thread of many, such as the store's movers, pass
+    False). False where there is no kernel (the caller copies another way). Spans are
+    offsets from each tensor's first element, checked to lie within every pair
+    (IndexRangeError naming ``spans``) before any byte moves.
+
+    pairs: (dst, src) host tensors, any shape and dtype (bytes are copied as they are)
+    spans: [n, 3], int64 — (dst offset, src offset, length) in bytes
+    """
+    if _rows is None or any(t.device.type != "cpu" for pair in pairs for t in pair):
+        return False
+    spans = np.ascontiguousarray(spans, dtype=np.int64)
+    if spans.size:
+        dst_end, src_end = int((spans[:, 0] + spans[:, 2]).max()), int((spans[:, 1] + spans[:, 2]).max())
+        room = min(extent(d) for d, _ in pairs), min(extent(s) for _, s in pairs)
+        if int(spans.min()) < 0 or dst_end > room[0] or src_end > room[1]:
+            raise IndexRangeError(
+                "spans",
+                f"byte spans within dst ({room[0]} B) and src ({room[1]} B), lengths >= 0",
+                f"least value {int(spans.min())}, ends up to {dst_end} / {src_end}",
+            )
+    bases = np.array([(d.data_ptr(), s.data_ptr()) for d, s in pairs], dtype=np.int64)
+    threads = torch.get_num_threads() if team and TEAM else 1
+    _rows.copy_spans(bases.ctypes.data, len(pairs), spans.ctypes.data, len(spans), threads)
+    return True

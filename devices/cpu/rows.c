@@ -6,6 +6,14 @@
  * an integer: the address of a contiguous host buffer or of an int64 id array, which the
  * caller (moves.py) has range-checked. The GIL is released for the whole call.
  *
+ *   copy_spans(bases, pairs, spans, count, threads=1)
+ *
+ * copies ``count`` byte spans, spans[i] = (dst offset, src offset, length), for each of
+ * ``pairs`` buffer pairs, bases[p] = (dst address, src address) (both int64 arrays),
+ * split by bytes over the team: a chunk's K and V from a host copy into a pool's pages,
+ * one span per layer and run of consecutive pages (the store's host -> pool write; a
+ * partly filled last page is copied up to its last token, no further).
+ *
  *   use_openmp(path) -> bool
  *
  * takes the OpenMP runtime already loaded from ``path`` (torch's: dlopen with
@@ -104,6 +112,69 @@ static PyObject *copy_rows(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
+static void copy_bytes(char *dst, const char *src, size_t n) {
+#if defined(__SSE2__)
+  if (n >= 4096) { /* streamed from the first 64-byte boundary of dst; the edges by memcpy */
+    size_t head = (64 - (uintptr_t)dst % 64) % 64, body = (n - head) / 64 * 64;
+    memcpy(dst, src, head);
+    copy_row(dst + head, src + head, body, NULL);
+    memcpy(dst + head + body, src + head + body, n - head - body);
+    return;
+  }
+#endif
+  memcpy(dst, src, n);
+}
+
+struct spans {
+  const int64_t *base; /* pairs x (dst address, src address) */
+  const int64_t *sp;   /* count x (dst offset, src offset, length) */
+  long long pairs, count, total; /* total: bytes of one pair */
+};
+
+static void spans_part(const struct spans *r, long long lo, long long hi) { /* bytes [lo, hi) of all pairs */
+  long long at = 0;
+  for (long long p = 0; p < r->pairs && at < hi; p++) {
+    char *d = (char *)(uintptr_t)r->base[2 * p];
+    const char *s = (const char *)(uintptr_t)r->base[2 * p + 1];
+    for (long long i = 0; i < r->count && at < hi; i++) {
+      const int64_t *x = r->sp + 3 * i;
+      long long a = lo > at ? lo - at : 0, b = hi - at < x[2] ? hi - at : x[2];
+      if (a < b) copy_bytes(d + x[0] + a, s + x[1] + a, (size_t)(b - a));
+      at += x[2];
+    }
+  }
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+static void team_spans(void *arg) {
+  const struct spans *r = (const struct spans *)arg;
+  long long t = omp_thread_num(), of = omp_num_threads(), all = r->pairs * r->total;
+  spans_part(r, all * t / of / 64 * 64, t + 1 == of ? all : all * (t + 1) / of / 64 * 64);
+}
+
+static PyObject *copy_spans(PyObject *self, PyObject *args) {
+  unsigned long long base, sp;
+  long long pairs, count;
+  int threads = 1;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KLKL|i", &base, &pairs, &sp, &count, &threads)) return NULL;
+  if (pairs < 0 || count < 0 || (pairs && !base) || (count && !sp) || threads < 1) {
+    PyErr_SetString(PyExc_ValueError, "copy_spans: need a pair array, a span array, counts >= 0, threads >= 1");
+    return NULL;
+  }
+  struct spans r = {(const int64_t *)(uintptr_t)base, (const int64_t *)(uintptr_t)sp, pairs, count, 0};
+  for (long long i = 0; i < count; i++) r.total += r.sp[3 * i + 2];
+  Py_BEGIN_ALLOW_THREADS
+  if (threads > 1 && gomp_parallel && pairs * r.total >= 2 * 4096)
+    gomp_parallel(team_spans, &r, (unsigned)threads, 0);
+  else
+    spans_part(&r, 0, pairs * r.total);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 static PyObject *use_openmp(PyObject *self, PyObject *args) {
   const char *path;
   (void)self;
@@ -123,6 +194,9 @@ static PyObject *use_openmp(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"copy_rows", copy_rows, METH_VARARGS,
      "copy_rows(dst, dst_ids, src, src_ids, lo, hi, row_bytes, threads=1): row dst_ids[i] of dst = row src_ids[i] of src"},
+    {"copy_spans", copy_spans, METH_VARARGS,
+     "copy_spans(bases, pairs, spans, count, threads=1): each span of spans (dst offset, src offset, length) "
+     "for each pair of bases (dst address, src address); int64 arrays"},
     {"use_openmp", use_openmp, METH_VARARGS,
      "use_openmp(path) -> bool: split copy_rows over the OpenMP runtime loaded from path"},
     {NULL, NULL, 0, NULL},

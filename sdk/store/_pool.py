@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,22 +118,55 @@ class KVPool:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def write(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range | None = None) -> None:
-        """Write a chunk's K/V into ``pages``, one ``copy_`` per run of consecutive pages:
-        every layer, or those of ``layers``.
+    def write(
+        self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range | None = None, *, team: bool = True
+    ) -> None:
+        """Write a chunk's K/V into ``pages``: every layer, or those of ``layers``. A host
+        pool takes the bytes in one pass of the cpu device's kernel per tensor (one span per
+        layer and run of consecutive pages, split over torch's OpenMP team with ``team``:
+        False on threads of many, like the store's movers); elsewhere one ``copy_`` per run.
 
         k, v: [num_layers (or len(layers)), num_tokens, num_kv_heads, head_dim], padded or
         not, any device
         """
         ps, total = self.namespace.page_size, k.shape[1]
-        sel = slice(None) if layers is None else slice(layers.start, layers.stop)
-        for first, count, at in runs(pages):
+        first = 0 if layers is None else layers.start
+        if self._write_spans(pages, k, v, first, team):
+            return
+        sel = slice(first, first + k.shape[0])
+        for start, count, at in runs(pages):
             n = min(count * ps, total - at * ps)
             if n <= 0:
                 break
             for pool, src in ((self.k, k), (self.v, v)):
-                dst = pool[sel, first : first + count].flatten(1, 2)[:, :n]
+                dst = pool[sel, start : start + count].flatten(1, 2)[:, :n]
                 copy_into(dst, src[:, at * ps : at * ps + n])
+
+    def _write_spans(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, first: int, team: bool) -> bool:
+        """:meth:`write` by the cpu device's ``copy_spans``, where the pool and (k, v) are
+        host tensors of its dtype with whole token rows; False where not (nothing written)."""
+        copy_spans = _spans_kernel()
+        pool, n = self.k, k.shape[1]
+        if copy_spans is None or self.device.type != "cpu" or n == 0 or first + k.shape[0] > pool.shape[0]:
+            return False
+        row = pool.stride(2)  # elements of a token's K (or V): num_kv_heads * head_dim
+        if k.device.type != "cpu" or k.dtype != pool.dtype or k.shape != v.shape or k.stride() != v.stride():
+            return False
+        if (
+            v.device.type != "cpu"
+            or v.dtype != pool.dtype
+            or k.shape[2:] != pool.shape[3:]
+            or k.stride()[1:] != (row, *pool.stride()[3:])
+        ):
+            return False
+        ps, elt = self.namespace.page_size, pool.element_size()
+        page, token = pool.stride(1) * elt, row * elt
+        per_run = [
+            (p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages) if at * ps < n
+        ]
+        per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
+        spans = per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]
+        return copy_spans([(self.k, k), (self.v, v)], spans.reshape(-1, 3), team=team)
 
     def read(
         self, pages: list[int], num_tokens: int | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -218,6 +254,25 @@ def runs(pages: list[int]) -> list[tuple[int, int, int]]:
 def bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of contiguous ``t`` on the cpu, writable in place."""
     return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_offsets(first: int, count: int, dst_layer: int, src_layer: int) -> np.ndarray:
+    """Each layer's (dst, src, 0) byte offsets for :meth:`KVPool._write_spans`: [count, 3], int64."""
+    layer = np.arange(count, dtype=np.int64)
+    return np.stack([(first + layer) * dst_layer, layer * src_layer, np.zeros_like(layer)], axis=1)
+
+
+@functools.cache
+def _spans_kernel() -> Callable[..., bool] | None:
+    """The cpu device's ``copy_spans`` (rows.c), or None where it was not built. The store
+    sits above the devices, so it may call into one; only this host-to-host copy does."""
+    try:
+        moves = importlib.import_module("kvfuse.devices.cpu.moves")
+    except ImportError:
+        return None
+    kernel: Callable[..., bool] = moves.copy_spans
+    return kernel if moves._rows is not None else None
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -195,7 +195,7 @@ def move_from_host(
     """
     ks, vs = k[layers.start : layers.stop], v[layers.start : layers.stop]
     if pool.device.type != "cuda":
-        pool.write(pages, ks, vs, layers)
+        pool.write(pages, ks, vs, layers, team=False)  # the other mover copies beside this one
         return
     with _mover_stream(pool.device, after):  # done means done: the host copy is reused after the last step
         pool.write(pages, ks, vs, layers)

@@ -390,7 +390,9 @@ class TieredStore:
         e = _Entry(key, k.shape[1], self._nbytes(k.shape[1]), PLACING)
         self._entries[key] = e
         try:
-            pages = self._to_device(e, k, v)
+            # not on torch's OpenMP team: it spins after the copy, on the cores the transfer
+            # engine's threads need for the next get (measured 26-29 % of raw TCP, not 43-46)
+            pages = self._to_device(e, k, v, team=False)
         except StoreError:
             del self._entries[key]
             raise
@@ -527,19 +529,27 @@ class TieredStore:
             pages = self.pool.alloc(need)
         return pages
 
-    def _to_device(self, e: _Entry, k: torch.Tensor, v: torch.Tensor) -> list[int]:
+    def _to_device(self, e: _Entry, k: torch.Tensor, v: torch.Tensor, *, team: bool = True) -> list[int]:
         """Write (k, v) into new pages and make them ``e``'s device copy. ``e`` is pinned
         while room is made, so it is never its own victim; on failure nothing changed."""
-        return self._place(e, self._alloc_for(e, self.pool.pages_for(k.shape[1])), k, v, k.shape[1])
+        return self._place(e, self._alloc_for(e, self.pool.pages_for(k.shape[1])), k, v, k.shape[1], team=team)
 
     def _place(
-        self, e: _Entry, pages: list[int], k: torch.Tensor, v: torch.Tensor, num_tokens: int, source: str = ""
+        self,
+        e: _Entry,
+        pages: list[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        num_tokens: int,
+        source: str = "",
+        *,
+        team: bool = True,
     ) -> list[int]:
         """Write (k, v) (``num_tokens`` tokens, maybe padded) into ``pages`` and make them
         ``e``'s device copy, counted as a hit of ``source``; on failure the pages go back
-        and ``e`` is unchanged."""
+        and ``e`` is unchanged. ``team``: :meth:`KVPool.write`'s."""
         try:
-            self.pool.write(pages, k, v)
+            self.pool.write(pages, k, v, team=team)
         except Exception as exc:
             self.pool.release(pages)
             raise StoreError(f"writing chunk {e.key} into the device pool failed: {exc}") from exc

@@ -8,6 +8,7 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from kvfuse import IndexRangeError
@@ -141,3 +142,51 @@ def test_the_c_path_checks_ids_before_a_byte_moves() -> None:
         with pytest.raises(IndexRangeError, match=name):
             moves.copy_pages(k, v, torch.tensor(src), dk, dv, torch.tensor(dst))
         assert not dk.any() and not dv.any()
+
+
+def _spans(seed: int, size: int, count: int) -> np.ndarray:
+    """``count`` spans of odd lengths and unaligned offsets, dst spans disjoint, within ``size`` bytes."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, size), size=2 * count, replace=False))
+    starts, ends = cuts[0::2], cuts[1::2]
+    src = rng.integers(0, size - (ends - starts) + 1)
+    return np.stack([starts, src, ends - starts], axis=1).astype(np.int64)
+
+
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize(("size", "count"), [(600, 7), (1 << 16, 9), (3 << 16, 40)])
+def test_copy_spans_copies_each_span_for_each_pair_and_nothing_else(team: bool, size: int, count: int) -> None:
+    """Split by bytes over the team, a thread's share starts and ends inside spans: every
+    span is still whole, streamed or not, and no byte outside them moves."""
+    if moves._rows is None:
+        pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+    spans = _spans(size + count, size, count)
+    pairs = [
+        (_pool((size // 4,), torch.float32, 2 * i), _pool((size // 4,), torch.float32, 2 * i + 1)) for i in range(3)
+    ]
+    want = [d.clone() for d, _ in pairs]
+    for (_, s), w in zip(pairs, want):
+        wb, sb = w.view(torch.uint8).numpy(), s.view(torch.uint8).numpy()
+        for d0, s0, n in spans:
+            wb[d0 : d0 + n] = sb[s0 : s0 + n]
+    assert moves.copy_spans(pairs, spans, team=team)
+    for (d, _), w in zip(pairs, want):
+        assert torch.equal(d.view(torch.uint8), w.view(torch.uint8))
+
+
+def test_copy_spans_checks_every_span_before_a_byte_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    if moves._rows is None:
+        pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
+    dst, src, small = torch.zeros(64), _pool((64,), torch.float32, 1), _pool((32,), torch.float32, 2)
+    for spans, pair in (
+        ([[0, 0, 16], [250, 0, 8]], (dst, src)),  # dst end past 256 bytes
+        ([[0, 0, 16], [0, 120, 16]], (dst, small)),  # src end past 128 bytes
+        ([[0, 0, 16], [-4, 0, 8]], (dst, src)),  # negative offset
+        ([[0, 0, 16], [40, 0, -8]], (dst, src)),  # negative length
+    ):
+        with pytest.raises(IndexRangeError, match="spans"):
+            moves.copy_spans([pair], np.array(spans), team=True)
+        assert not dst.any()
+    monkeypatch.setattr(moves, "_rows", None)
+    assert not moves.copy_spans([(dst, src)], np.array([[0, 0, 16]]), team=True)  # no kernel: the caller copies
+    assert not dst.any()
