@@ -228,29 +228,27 @@ def extent(t: torch.Tensor) -> int:
 
 
 def copy_spans(pairs: list[tuple[torch.Tensor, torch.Tensor]], spans: np.ndarray, *, team: bool) -> bool:
-    """The same byte spans from each ``(dst, src)`` pair's ``src`` into its ``dst``, all
-    in one pass of ``_rows.copy_spans``, split over torch's OpenMP team when ``team`` (the
-    calling thread's own team; on a thread of many, such as the store's movers, pass
-    False). False where there is no kernel (the caller copies another way). Spans are
-    offsets from each tensor's first element, checked to lie within every pair
-    (IndexRangeError naming ``spans``) before any byte moves.
+    """Byte spans between ``(dst, src)`` pairs: ``spans[i] = (pair, dst offset, src
+    offset, length)``, offsets from each tensor's first element. One pass of
+    ``_rows.copy_spans``, split over torch's OpenMP team when ``team`` (the calling
+    thread's own team; on a thread of many, such as the store's movers, pass False).
+    False where there is no kernel (the caller copies another way). The kernel checks
+    every span against its pair's tensors before any byte moves: one outside them is an
+    IndexRangeError naming ``spans``.
 
     pairs: (dst, src) host tensors, any shape and dtype (bytes are copied as they are)
-    spans: [n, 3], int64 — (dst offset, src offset, length) in bytes
+    spans: [n, 4], int64
     """
-    if _rows is None or any(t.device.type != "cpu" for pair in pairs for t in pair):
+    if _rows is None or any(d.device.type != "cpu" or s.device.type != "cpu" for d, s in pairs):
         return False
-    spans = np.ascontiguousarray(spans, dtype=np.int64)
-    if spans.size:
-        dst_end, src_end = int((spans[:, 0] + spans[:, 2]).max()), int((spans[:, 1] + spans[:, 2]).max())
-        room = min(extent(d) for d, _ in pairs), min(extent(s) for _, s in pairs)
-        if int(spans.min()) < 0 or dst_end > room[0] or src_end > room[1]:
-            raise IndexRangeError(
-                "spans",
-                f"byte spans within dst ({room[0]} B) and src ({room[1]} B), lengths >= 0",
-                f"least value {int(spans.min())}, ends up to {dst_end} / {src_end}",
-            )
-    bases = np.array([(d.data_ptr(), s.data_ptr()) for d, s in pairs], dtype=np.int64)
+    table = np.array([(d.data_ptr(), extent(d), s.data_ptr(), extent(s)) for d, s in pairs], dtype=np.int64)
+    spans = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1, 4)
     threads = torch.get_num_threads() if team and TEAM else 1
-    _rows.copy_spans(bases.ctypes.data, len(pairs), spans.ctypes.data, len(spans), threads)
+    bad = _rows.copy_spans(table.ctypes.data, len(table), spans.ctypes.data, len(spans), threads)
+    if bad >= 0:
+        p = int(spans[bad, 0])
+        room = f"{table[p, 1]} B and {table[p, 3]} B" if 0 <= p < len(table) else f"one of {len(table)} pairs"
+        raise IndexRangeError(
+            "spans", f"(pair, dst offset, src offset, length >= 0) within {room}", f"span {bad}: {spans[bad].tolist()}"
+        )
     return True

@@ -6,13 +6,16 @@
  * an integer: the address of a contiguous host buffer or of an int64 id array, which the
  * caller (moves.py) has range-checked. The GIL is released for the whole call.
  *
- *   copy_spans(bases, pairs, spans, count, threads=1)
+ *   copy_spans(pairs, npairs, spans, count, threads=1) -> int
  *
- * copies ``count`` byte spans, spans[i] = (dst offset, src offset, length), for each of
- * ``pairs`` buffer pairs, bases[p] = (dst address, src address) (both int64 arrays),
- * split by bytes over the team: a chunk's K and V from a host copy into a pool's pages,
- * one span per layer and run of consecutive pages (the store's host -> pool write; a
- * partly filled last page is copied up to its last token, no further).
+ * copies ``count`` byte spans, spans[i] = (pair, dst offset, src offset, length), between
+ * the buffers of pairs[pair] = (dst address, dst bytes, src address, src bytes) (both
+ * int64 arrays), split by bytes over the team: chunks' K and V from host copies into a
+ * pool's pages, one span per layer and run of consecutive pages (the store's host ->
+ * pool writes, every chunk of a step in one call; a partly filled last page is copied up
+ * to its last token, no further). Every span is checked to lie inside its pair's buffers
+ * before any byte moves: returns -1, or the index of the first span that does not (and
+ * then copies nothing).
  *
  *   use_openmp(path) -> bool
  *
@@ -126,22 +129,18 @@ static void copy_bytes(char *dst, const char *src, size_t n) {
 }
 
 struct spans {
-  const int64_t *base; /* pairs x (dst address, src address) */
-  const int64_t *sp;   /* count x (dst offset, src offset, length) */
-  long long pairs, count, total; /* total: bytes of one pair */
+  const int64_t *pairs; /* npairs x (dst address, dst bytes, src address, src bytes) */
+  const int64_t *sp;    /* count x (pair, dst offset, src offset, length) */
+  long long count, total;
 };
 
-static void spans_part(const struct spans *r, long long lo, long long hi) { /* bytes [lo, hi) of all pairs */
+static void spans_part(const struct spans *r, long long lo, long long hi) { /* bytes [lo, hi) of the spans */
   long long at = 0;
-  for (long long p = 0; p < r->pairs && at < hi; p++) {
-    char *d = (char *)(uintptr_t)r->base[2 * p];
-    const char *s = (const char *)(uintptr_t)r->base[2 * p + 1];
-    for (long long i = 0; i < r->count && at < hi; i++) {
-      const int64_t *x = r->sp + 3 * i;
-      long long a = lo > at ? lo - at : 0, b = hi - at < x[2] ? hi - at : x[2];
-      if (a < b) copy_bytes(d + x[0] + a, s + x[1] + a, (size_t)(b - a));
-      at += x[2];
-    }
+  for (long long i = 0; i < r->count && at < hi; i++) {
+    const int64_t *x = r->sp + 4 * i, *p = r->pairs + 4 * x[0];
+    long long a = lo > at ? lo - at : 0, b = hi - at < x[3] ? hi - at : x[3];
+    if (a < b) copy_bytes((char *)(uintptr_t)p[0] + x[1] + a, (const char *)(uintptr_t)p[2] + x[2] + a, (size_t)(b - a));
+    at += x[3];
   }
 #if defined(__SSE2__)
   _mm_sfence();
@@ -150,29 +149,35 @@ static void spans_part(const struct spans *r, long long lo, long long hi) { /* b
 
 static void team_spans(void *arg) {
   const struct spans *r = (const struct spans *)arg;
-  long long t = omp_thread_num(), of = omp_num_threads(), all = r->pairs * r->total;
-  spans_part(r, all * t / of / 64 * 64, t + 1 == of ? all : all * (t + 1) / of / 64 * 64);
+  long long t = omp_thread_num(), of = omp_num_threads();
+  spans_part(r, r->total * t / of / 64 * 64, t + 1 == of ? r->total : r->total * (t + 1) / of / 64 * 64);
 }
 
 static PyObject *copy_spans(PyObject *self, PyObject *args) {
-  unsigned long long base, sp;
-  long long pairs, count;
+  unsigned long long pairs, sp;
+  long long npairs, count;
   int threads = 1;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KLKL|i", &base, &pairs, &sp, &count, &threads)) return NULL;
-  if (pairs < 0 || count < 0 || (pairs && !base) || (count && !sp) || threads < 1) {
-    PyErr_SetString(PyExc_ValueError, "copy_spans: need a pair array, a span array, counts >= 0, threads >= 1");
+  if (!PyArg_ParseTuple(args, "KLKL|i", &pairs, &npairs, &sp, &count, &threads)) return NULL;
+  if (npairs < 0 || count < 0 || (npairs && !pairs) || (count && !sp) || threads < 1) {
+    PyErr_SetString(PyExc_ValueError, "copy_spans: need pair and span arrays, counts >= 0, threads >= 1");
     return NULL;
   }
-  struct spans r = {(const int64_t *)(uintptr_t)base, (const int64_t *)(uintptr_t)sp, pairs, count, 0};
-  for (long long i = 0; i < count; i++) r.total += r.sp[3 * i + 2];
+  struct spans r = {(const int64_t *)(uintptr_t)pairs, (const int64_t *)(uintptr_t)sp, count, 0};
+  for (long long i = 0; i < count; i++) { /* every span inside its pair's buffers, before a byte moves */
+    const int64_t *x = r.sp + 4 * i;
+    if (x[0] < 0 || x[0] >= npairs || x[1] < 0 || x[2] < 0 || x[3] < 0) return PyLong_FromLongLong(i);
+    const int64_t *p = r.pairs + 4 * x[0];
+    if (x[1] > p[1] || x[3] > p[1] - x[1] || x[2] > p[3] || x[3] > p[3] - x[2]) return PyLong_FromLongLong(i);
+    r.total += x[3];
+  }
   Py_BEGIN_ALLOW_THREADS
-  if (threads > 1 && gomp_parallel && pairs * r.total >= 2 * 4096)
+  if (threads > 1 && gomp_parallel && r.total >= 2 * 4096)
     gomp_parallel(team_spans, &r, (unsigned)threads, 0);
   else
-    spans_part(&r, 0, pairs * r.total);
+    spans_part(&r, 0, r.total);
   Py_END_ALLOW_THREADS
-  Py_RETURN_NONE;
+  return PyLong_FromLong(-1);
 }
 
 static PyObject *use_openmp(PyObject *self, PyObject *args) {
@@ -195,8 +200,9 @@ static PyMethodDef methods[] = {
     {"copy_rows", copy_rows, METH_VARARGS,
      "copy_rows(dst, dst_ids, src, src_ids, lo, hi, row_bytes, threads=1): row dst_ids[i] of dst = row src_ids[i] of src"},
     {"copy_spans", copy_spans, METH_VARARGS,
-     "copy_spans(bases, pairs, spans, count, threads=1): each span of spans (dst offset, src offset, length) "
-     "for each pair of bases (dst address, src address); int64 arrays"},
+     "copy_spans(pairs, npairs, spans, count, threads=1) -> -1, or the first span outside its pair's buffers "
+     "(nothing copied); pairs[p] = (dst address, dst bytes, src address, src bytes), "
+     "spans[i] = (pair, dst offset, src offset, length): int64 arrays"},
     {"use_openmp", use_openmp, METH_VARARGS,
      "use_openmp(path) -> bool: split copy_rows over the OpenMP runtime loaded from path"},
     {NULL, NULL, 0, NULL},

@@ -121,52 +121,83 @@ class KVPool:
     def write(
         self, pages: list[int], k: torch.Tensor, v: torch.Tensor, layers: range | None = None, *, team: bool = True
     ) -> None:
-        """Write a chunk's K/V into ``pages``: every layer, or those of ``layers``. A host
-        pool takes the bytes in one pass of the cpu device's kernel per tensor (one span per
-        layer and run of consecutive pages, split over torch's OpenMP team with ``team``:
-        False on threads of many, like the store's movers); elsewhere one ``copy_`` per run.
+        """Write a chunk's K/V into ``pages``: every layer, or those of ``layers``
+        (:meth:`write_many` of one chunk).
 
         k, v: [num_layers (or len(layers)), num_tokens, num_kv_heads, head_dim], padded or
         not, any device
         """
-        ps, total = self.namespace.page_size, k.shape[1]
-        first = 0 if layers is None else layers.start
-        if self._write_spans(pages, k, v, first, team):
-            return
-        sel = slice(first, first + k.shape[0])
-        for start, count, at in runs(pages):
-            n = min(count * ps, total - at * ps)
-            if n <= 0:
-                break
-            for pool, src in ((self.k, k), (self.v, v)):
-                dst = pool[sel, start : start + count].flatten(1, 2)[:, :n]
-                copy_into(dst, src[:, at * ps : at * ps + n])
+        self.write_many([(pages, k, v)], layers, team=team)
 
-    def _write_spans(self, pages: list[int], k: torch.Tensor, v: torch.Tensor, first: int, team: bool) -> bool:
-        """:meth:`write` by the cpu device's ``copy_spans``, where the pool and (k, v) are
-        host tensors of its dtype with whole token rows; False where not (nothing written)."""
+    def write_many(
+        self,
+        chunks: list[tuple[list[int], torch.Tensor, torch.Tensor]],
+        layers: range | None = None,
+        *,
+        team: bool = True,
+    ) -> None:
+        """Write chunks' K/V, each ``(pages, k, v)``, into their pages: every layer, or
+        those of ``layers``. A host pool takes all their bytes in one pass of the cpu
+        device's kernel (one span per layer and run of consecutive pages, split over
+        torch's OpenMP team with ``team``: False on threads of many, like the store's
+        movers); elsewhere, and for what the kernel does not take, one ``copy_`` per run.
+
+        k, v: [num_layers (or len(layers)), num_tokens, num_kv_heads, head_dim], padded or
+        not, any device
+        """
+        first = 0 if layers is None else layers.start
+        if self._write_spans(chunks, first, team):
+            return
+        ps = self.namespace.page_size
+        for pages, k, v in chunks:
+            sel = slice(first, first + k.shape[0])
+            for start, count, at in runs(pages):
+                n = min(count * ps, k.shape[1] - at * ps)
+                if n <= 0:
+                    break
+                for pool, src in ((self.k, k), (self.v, v)):
+                    copy_into(pool[sel, start : start + count].flatten(1, 2)[:, :n], src[:, at * ps : at * ps + n])
+
+    def _write_spans(self, chunks: list[tuple[list[int], torch.Tensor, torch.Tensor]], first: int, team: bool) -> bool:
+        """:meth:`write_many` by the cpu device's ``copy_spans``, where the pool and every
+        chunk's (k, v) are host tensors of its dtype with whole token rows; False where not
+        (nothing written)."""
         copy_spans = _spans_kernel()
-        pool, n = self.k, k.shape[1]
-        if copy_spans is None or self.device.type != "cpu" or n == 0 or first + k.shape[0] > pool.shape[0]:
+        pool = self.k
+        if copy_spans is None or self.device.type != "cpu":
             return False
-        row = pool.stride(2)  # elements of a token's K (or V): num_kv_heads * head_dim
-        if k.device.type != "cpu" or k.dtype != pool.dtype or k.shape != v.shape or k.stride() != v.stride():
-            return False
-        if (
-            v.device.type != "cpu"
-            or v.dtype != pool.dtype
-            or k.shape[2:] != pool.shape[3:]
-            or k.stride()[1:] != (row, *pool.stride()[3:])
-        ):
-            return False
-        ps, elt = self.namespace.page_size, pool.element_size()
-        page, token = pool.stride(1) * elt, row * elt
-        per_run = [
-            (p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages) if at * ps < n
-        ]
-        per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
-        spans = per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]
-        return copy_spans([(self.k, k), (self.v, v)], spans.reshape(-1, 3), team=team)
+        ps, elt, row = self.namespace.page_size, pool.element_size(), pool.stride(2)  # row: a token's elements
+        page, token, rows = pool.stride(1) * elt, row * elt, (row, *pool.stride()[3:])
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        parts = []
+        for pages, k, v in chunks:
+            n = k.shape[1]
+            if k.device.type != "cpu" or k.dtype != pool.dtype or k.shape != v.shape or k.stride() != v.stride():
+                return False
+            if (
+                v.device.type != "cpu"
+                or v.dtype != pool.dtype
+                or k.shape[2:] != pool.shape[3:]
+                or k.stride()[1:] != rows
+            ):
+                return False
+            if first + k.shape[0] > pool.shape[0]:
+                return False
+            per_run = [
+                (p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages) if at * ps < n
+            ]
+            if per_run:
+                per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
+                parts.append((len(pairs), per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]))
+                pairs += [(self.k, k), (self.v, v)]
+        spans = np.empty((2, sum(p.shape[0] * p.shape[1] for _, p in parts), 4), dtype=np.int64)
+        at = 0
+        for pair, p in parts:
+            n = p.shape[0] * p.shape[1]
+            spans[:, at : at + n, 1:] = p.reshape(-1, 3)
+            spans[0, at : at + n, 0], spans[1, at : at + n, 0] = pair, pair + 1
+            at += n
+        return copy_spans(pairs, spans.reshape(-1, 4), team=team)
 
     def read(
         self, pages: list[int], num_tokens: int | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -175,6 +175,7 @@ class TieredStore:
         self.movers = 2  # threads that promote chunks (read, verify, copy), started on first use
         self.host_layerwise = self.pool.device.type != "cpu"  # see "Promotion" above
         self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
+        self._host_mover = functools.partial(move_from_host, pool)  # one object: host steps of a range move together
         if self.disk is not None:  # rebuild the index from disk
             for e in self.disk.scan():
                 self._entries[e.key] = _Entry(e.key, e.num_tokens, e.nbytes, "disk")
@@ -254,7 +255,7 @@ class TieredStore:
     def loading(self) -> Loading:
         """A handle for :meth:`fetch` calls whose promotions a request waits for layer by
         layer (``wait(layer)``) instead of whole (see the module docstring)."""
-        return Loading(self._mover_pool())
+        return Loading(self._mover_pool(), self.movers)
 
     def _mover_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -320,17 +321,18 @@ class TieredStore:
             placed = self._place(e, pages, *host, num_tokens, "host->device")
             self._copies.give_back(host)
             return placed
-        steps = promotion_steps(self.namespace.num_layers)
+        steps = promotion_steps(self.namespace.num_layers, self._nbytes(num_tokens) // self.namespace.num_layers)
         fence = self.pool.fence()  # the movers' copies wait for whatever may still read these pages
         if reader is not None:
             assert self.disk is not None
             move = functools.partial(move_from_disk, self.pool, self.disk, reader, pages, self._stage, after=fence)
-            finish = reader.close
+            e.promotion = Promotion(e.key, steps, move, reader.close, source)
         else:
             assert e.host is not None
-            move = functools.partial(move_from_host, self.pool, pages, *e.host, after=fence)
             finish = functools.partial(self._copies.give_back, e.host)
-        e.promotion = Promotion(e.key, steps, move, finish, source)
+            e.promotion = Promotion(
+                e.key, steps, None, finish, source, batch=(self._host_mover, (pages, *e.host, fence))
+            )
         self._moving.append(e)
         e.tier, e.pages, e.host = "device", pages, None
         e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)

@@ -155,38 +155,40 @@ def _spans(seed: int, size: int, count: int) -> np.ndarray:
 
 @pytest.mark.parametrize("team", [True, False])
 @pytest.mark.parametrize(("size", "count"), [(600, 7), (1 << 16, 9), (3 << 16, 40)])
-def test_copy_spans_copies_each_span_for_each_pair_and_nothing_else(team: bool, size: int, count: int) -> None:
+def test_copy_spans_copies_each_pairs_spans_and_nothing_else(team: bool, size: int, count: int) -> None:
     """Split by bytes over the team, a thread's share starts and ends inside spans: every
     span is still whole, streamed or not, and no byte outside them moves."""
     if moves._rows is None:
         pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
-    spans = _spans(size + count, size, count)
     pairs = [
         (_pool((size // 4,), torch.float32, 2 * i), _pool((size // 4,), torch.float32, 2 * i + 1)) for i in range(3)
     ]
+    spans = np.concatenate([np.insert(_spans(i, size, count), 0, i, axis=1) for i in (2, 0, 1)])  # pairs in any order
     want = [d.clone() for d, _ in pairs]
-    for (_, s), w in zip(pairs, want):
-        wb, sb = w.view(torch.uint8).numpy(), s.view(torch.uint8).numpy()
-        for d0, s0, n in spans:
-            wb[d0 : d0 + n] = sb[s0 : s0 + n]
+    for p, d0, s0, n in spans:
+        want[p].view(torch.uint8).numpy()[d0 : d0 + n] = pairs[p][1].view(torch.uint8).numpy()[s0 : s0 + n]
     assert moves.copy_spans(pairs, spans, team=team)
     for (d, _), w in zip(pairs, want):
         assert torch.equal(d.view(torch.uint8), w.view(torch.uint8))
 
 
 def test_copy_spans_checks_every_span_before_a_byte_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A span outside its pair's tensors (or naming no pair): nothing moves, not even the
+    good spans before it."""
     if moves._rows is None:
         pytest.skip("the _rows extension was not built (no C compiler or Python headers)")
     dst, src, small = torch.zeros(64), _pool((64,), torch.float32, 1), _pool((32,), torch.float32, 2)
-    for spans, pair in (
-        ([[0, 0, 16], [250, 0, 8]], (dst, src)),  # dst end past 256 bytes
-        ([[0, 0, 16], [0, 120, 16]], (dst, small)),  # src end past 128 bytes
-        ([[0, 0, 16], [-4, 0, 8]], (dst, src)),  # negative offset
-        ([[0, 0, 16], [40, 0, -8]], (dst, src)),  # negative length
+    for bad in (
+        [0, 250, 0, 8],  # dst end past 256 bytes
+        [1, 64, 120, 16],  # src end past pair 1's 128 bytes
+        [0, -4, 0, 8],  # negative offset
+        [0, 40, 0, -8],  # negative length
+        [2, 0, 0, 8],  # no pair 2
+        [0, 8, 0, 2**62],  # an end past 2**63 (no overflow)
     ):
-        with pytest.raises(IndexRangeError, match="spans"):
-            moves.copy_spans([pair], np.array(spans), team=True)
+        with pytest.raises(IndexRangeError, match=r"spans.*span 1"):
+            moves.copy_spans([(dst, src), (dst, small)], np.array([[0, 0, 0, 16], bad]), team=True)
         assert not dst.any()
     monkeypatch.setattr(moves, "_rows", None)
-    assert not moves.copy_spans([(dst, src)], np.array([[0, 0, 16]]), team=True)  # no kernel: the caller copies
+    assert not moves.copy_spans([(dst, src)], np.array([[0, 0, 0, 16]]), team=True)  # no kernel: the caller copies
     assert not dst.any()

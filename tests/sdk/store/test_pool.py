@@ -64,32 +64,37 @@ def test_pool_write_places_each_run_of_pages_bit_exact() -> None:
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_pool_write_moves_exactly_the_chunks_tokens_on_every_path(write_path: str, data: st.DataObject) -> None:
-    """On a host pool by the cpu device's span kernel (on the caller's OpenMP team, or on
-    its thread alone, as the movers call it), or by a copy per run without it. Any pages
-    (runs or not), any token count (the last page part-full), all layers or some, from a
-    padded host copy or not: the tokens land bit-exact in their pages' slots and every
-    other byte of the pool (the last page's tail included) is as it was."""
+    """``write_many`` of one to three chunks, on a host pool by the cpu device's span
+    kernel (on the caller's OpenMP team, or on its thread alone, as the movers call it),
+    or by a copy per run without it. Any pages (runs or not), any token count (the last
+    page part-full), all layers or some, from padded host copies or not: the tokens land
+    bit-exact in their pages' slots and every other byte of the pool (the last page's
+    tail included) is as it was."""
     if write_path != "copy_into" and pool_module._spans_kernel() is None:
         pytest.skip("the cpu device's _rows extension was not built")
-    num_pages, ps = 9, NS.page_size
-    pages = data.draw(st.lists(st.integers(0, num_pages - 1), min_size=1, max_size=5, unique=True), label="pages")
-    n = data.draw(st.integers(1, len(pages) * ps), label="tokens")
+    num_pages, ps = 12, NS.page_size
+    taken = data.draw(st.lists(st.integers(0, num_pages - 1), min_size=3, max_size=9, unique=True), label="pages")
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(taken) - 1), max_size=2, unique=True), label="cuts"))
     first = data.draw(st.integers(0, NS.num_layers - 1), label="first layer")
     layers = range(first, data.draw(st.integers(first + 1, NS.num_layers), label="end layer"))
-    padded = data.draw(st.booleans(), label="padded")
     pool = KVPool(NS, num_pages=num_pages)
     for t, seed in ((pool.k, 5), (pool.v, 6)):
         t.copy_(_random_bits(tuple(t.shape), NS.torch_dtype, seed))
     want = pool.k.clone(), pool.v.clone()
-    shape = (len(layers), len(pages) * ps if padded else n, NS.num_kv_heads, NS.head_dim)
-    k, v = _random_bits(shape, NS.torch_dtype, n), _random_bits(shape, NS.torch_dtype, n + 1)
-    team = write_path != "spans/one thread"
+    chunks = []
+    for pages in (taken[a:b] for a, b in zip([0, *cuts], [*cuts, len(taken)])):
+        n = data.draw(st.integers(1, len(pages) * ps), label="tokens")
+        padded = data.draw(st.booleans(), label="padded")
+        shape = (len(layers), len(pages) * ps if padded else n, NS.num_kv_heads, NS.head_dim)
+        k, v = _random_bits(shape, NS.torch_dtype, n), _random_bits(shape, NS.torch_dtype, n + 1)
+        chunks.append((pages, k[:, :n], v[:, :n]))
+        slots = torch.tensor([pages[t // ps] * ps + t % ps for t in range(n)])
+        for w, src in zip(want, (k, v)):
+            w[layers.start : layers.stop].flatten(1, 2)[:, slots] = src[:, :n]
     with pytest.MonkeyPatch.context() as mp:
         if write_path == "copy_into":
             mp.setattr(pool_module, "_spans_kernel", lambda: None)
-        pool.write(pages, k[:, :n], v[:, :n], None if len(layers) == NS.num_layers else layers, team=team)
-    slots = torch.tensor([pages[t // ps] * ps + t % ps for t in range(n)])
-    for w, src in zip(want, (k, v)):
-        w[layers.start : layers.stop].flatten(1, 2)[:, slots] = src[:, :n]
+        which = None if len(layers) == NS.num_layers else layers
+        pool.write_many(chunks, which, team=write_path != "spans/one thread")
     for got, w in zip((pool.k, pool.v), want):
         assert torch.equal(got.view(torch.uint8), w.view(torch.uint8)), write_path

@@ -6,11 +6,14 @@ synchronised before a layer counts as moved, disk reads through pinned staging).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from kvfuse import InvalidValueError, StoreError
-from kvfuse.store import KVPool, Namespace, TieredStore, plan
+from kvfuse.store import KVPool, Loading, Namespace, TieredStore, plan
+from kvfuse.store import _promote as promote
+from kvfuse.store._promote import Promotion
 from storecases import corrupt_layer, same_bits
 
 NS = Namespace(model_id="tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="bf16", page_size=4)
@@ -69,7 +72,10 @@ def test_layerwise_promotion_moves_exact_bytes_into_any_pages(tmp_path: Path, ti
 
 
 @pytest.mark.parametrize("device", POOLS)
-def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(tmp_path: Path, device: str) -> None:
+def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(
+    tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(promote, "STEP_BYTES", 1)  # steps of layers 0, 1, 2-3 (this tiny chunk's would be 0, 1-3)
     store, kv = _scattered_store(tmp_path, "disk", device)
     corrupt_layer(tmp_path / "a.kv", 2)
     loading = store.loading()
@@ -147,3 +153,50 @@ def test_discard_forgets_a_chunk_on_every_local_tier(tmp_path: Path) -> None:
     assert store.discard("d") and store.tier("d") is None  # the host copy
     assert not store.discard("a") and store.fetch("a") is None
     store.audit()
+
+
+@pytest.mark.parametrize("layers", [1, 4, 30, 61])
+@pytest.mark.parametrize("layer_bytes", [0, 1, 70_000, 800_000, 4 << 20])
+def test_promotion_steps_cover_each_layer_once_layer_0_first_then_at_least_step_bytes(
+    layers: int, layer_bytes: int
+) -> None:
+    steps = promote.promotion_steps(layers, layer_bytes)
+    assert [i for r in steps for i in r] == list(range(layers)) and steps[0] == range(1)
+    sizes = [len(r) for r in steps[1:]]
+    for i, n in enumerate(sizes[:-1]):  # the last takes what is left
+        assert n * layer_bytes >= promote.STEP_BYTES or n >= 2**i  # bytes, or 1, 2, 4, ... where bytes allow
+        assert n == max(2**i, -(-promote.STEP_BYTES // layer_bytes) if layer_bytes else 1)
+
+
+def _batched(moved: list[tuple[list[str], range]], fail: str | None = None) -> Any:
+    """A batch mover that records each call's chunks and layers, failing any call holding ``fail``."""
+
+    def mover(items: list[str], layers: range) -> None:
+        moved.append((list(items), layers))
+        if fail in items:
+            raise OSError(f"copy of {fail} failed")
+
+    return mover
+
+
+def test_host_steps_of_one_range_move_as_one_call_per_mover_and_fail_only_their_chunks() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    moved: list[tuple[list[str], range]] = []
+    mover = _batched(moved, fail="c2")
+    steps = [range(0, 1), range(1, 4)]
+    finished: list[str] = []
+    with ThreadPoolExecutor(1) as movers:  # tasks run in the order queued
+        loading = Loading(movers, parts=2)
+        names = [f"c{i}" for i in range(6)]
+        for name in names:
+            loading.add(Promotion(name, steps, None, lambda n=name: finished.append(n), "host", batch=(mover, name)))
+        loading.start()
+        with pytest.raises(StoreError, match=r"chunk c0 \(layers 0-0\): copy of c2 failed"):
+            loading.wait_all()
+    # each range: one call per part (of three chunks); the call with c2 failed all three of
+    # its chunks, whose later steps are skipped (no call); the other three moved on
+    assert moved == [(["c0", "c1", "c2"], range(1)), (["c3", "c4", "c5"], range(1)), (["c3", "c4", "c5"], range(1, 4))]
+    assert sorted(finished) == names
+    for p in loading.promotions:
+        assert (p.error is not None) == (p.key in ("c0", "c1", "c2"))
