@@ -10,9 +10,10 @@ machine's limits, measured in the same run on the same bytes:
 The pool lives on ``--device``'s torch device (default: the best available kvfuse device;
 on a GPU, host copies are pinned and memcpy is the same bytes host → GPU, and every timed
 run ends with the GPU synchronised). Each timed promotion is of every chunk (``fetch``);
-between runs the chunks are sent back down (``demote``), untimed. ``first_layer_s``: a
-layer-wise promotion (``Loading``) until layer 0 of every chunk is in the pool: when a
-request can start computing.
+between runs the chunks are sent back down (``demote``), untimed. ``/request``: the chunks
+fetched as one request's (a ``Loading``), moved whole, all in one write when it starts.
+``/layerwise``: the same request, moved layer by layer on the movers; ``first_layer_s``:
+until layer 0 of every chunk is in the pool, when a request can start computing.
 
 ``--remote``: the remote tier's get path (Mooncake Store over TCP on 127.0.0.1 → checks →
 device pool) against raw TCP between the same two processes (``fraction_of_tcp``): a
@@ -147,10 +148,16 @@ def run_store(
         dst = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
         memcpy = _timed(lambda: None, lambda: dst.copy_(src, non_blocking=True), repeat, dev)
         host = _timed(down("host"), fetch_all, repeat, dev)
-        default, store.host_layerwise = store.host_layerwise, True  # the mechanism, measured (the cpu moves them whole)
+        default, store.host_layerwise = store.host_layerwise, False
+        _, host_request = layerwise_medians(down("host"))  # one request's chunks, whole, in one write
+        store.host_layerwise = True  # the mechanism, measured (the cpu moves them whole)
         host_first, host_layerwise = layerwise_medians(down("host"))
         store.host_layerwise = default
-        for name, secs, first in (("host->device", host, None), ("host->device/layerwise", host_layerwise, host_first)):
+        for name, secs, first in (
+            ("host->device", host, None),
+            ("host->device/request", host_request, None),
+            ("host->device/layerwise", host_layerwise, host_first),
+        ):
             results.append(
                 {
                     "case": f"{name}/{chunks}x{tokens}/{dtype}",

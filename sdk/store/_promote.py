@@ -80,7 +80,9 @@ class Promotion:
     ``move(step)`` copies one step's layers. With ``batch`` (a mover of many chunks'
     steps, and this chunk's item for it), steps of one range whose promotions share that
     mover are moved together by :func:`run_batch`; ``move`` then defaults to the mover
-    called with this item alone."""
+    called with this item alone. An ``inline`` promotion runs on the thread that starts
+    it, not on the movers (a host chunk moved whole into a cpu pool, on that thread's
+    OpenMP team)."""
 
     def __init__(
         self,
@@ -91,26 +93,30 @@ class Promotion:
         source: str,
         *,
         batch: Batch | None = None,
+        inline: bool = False,
     ) -> None:
         if move is None:
             assert batch is not None, "a promotion needs move or batch"
             move = functools.partial(_move_alone, batch)
-        self.key, self.source, self.steps, self.batch = key, source, steps, batch
+        self.key, self.source, self.steps, self.batch, self.inline = key, source, steps, batch, inline
         self._move, self._finish = move, finish
         self._step_of = [i for i, r in enumerate(steps) for _ in r]
         self._moved = [False] * len(steps)
         self._done = [False] * len(steps)
         self._left = len(steps)
+        self._over = False  # every step done and ``finish`` has returned
         self._cond = threading.Condition()
         self.error: StoreError | None = None
         self.started = False
         if not steps:
             finish()
+            self._over = True
 
     @property
     def finished(self) -> bool:
+        """Every step is done and the promotion's ``finish`` has run."""
         with self._cond:
-            return self._left == 0
+            return self._over
 
     def claim(self) -> bool:
         """True for the one caller that gets to queue this promotion's steps."""
@@ -123,7 +129,10 @@ class Promotion:
         before it started its loading)."""
         if self.claim():
             for i in range(len(self.steps)):
-                movers.submit(self.run_step, i)
+                if self.inline:
+                    self.run_step(i)
+                else:
+                    movers.submit(self.run_step, i)
 
     def run_step(self, i: int) -> None:
         """Move step ``i`` (on a mover thread); a failure fails the whole promotion."""
@@ -150,7 +159,12 @@ class Promotion:
             last = self._left == 0
             self._cond.notify_all()
         if last:
-            self._finish()
+            try:
+                self._finish()
+            finally:
+                with self._cond:
+                    self._over = True
+                    self._cond.notify_all()
 
     def wait(self, layer: int) -> None:
         """Return once ``layer`` is in the pool; StoreError if it will never be."""
@@ -162,9 +176,9 @@ class Promotion:
                 raise self.error
 
     def wait_finished(self) -> StoreError | None:
-        """Wait until every step is done; the promotion's error, if it failed."""
+        """Wait until the promotion is :attr:`finished`; its error, if it failed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._left == 0)
+            self._cond.wait_for(lambda: self._over)
             return self.error
 
 
@@ -213,31 +227,49 @@ class Loading:
         """Queue the steps of every promotion not queued yet, by first layer: layer 0 of
         every chunk is ready first. Steps of one range whose promotions share a batch
         mover go as one task per mover (``parts``), each one call: 90 chunks' layer 0
-        is two copies, not 90 tasks."""
+        is two copies, not 90 tasks. Inline promotions run first, here, one call per
+        batch mover and range."""
         new = [p for p in self.promotions if p.claim()]
+        inline = [(p, i) for p in new if p.inline for i in range(len(p.steps))]
         tasks = sorted(
-            (r.start, r.stop, p.batch is None, n, i) for n, p in enumerate(new) for i, r in enumerate(p.steps)
+            (r.start, r.stop, p.batch is None, n, i)
+            for n, p in enumerate(new)
+            if not p.inline
+            for i, r in enumerate(p.steps)
         )
         group: list[tuple[Promotion, int]] = []
 
-        def flush() -> None:
-            for j in range(self._parts):
-                part = group[len(group) * j // self._parts : len(group) * (j + 1) // self._parts]
-                if part:
+        def flush(parts: int) -> None:
+            for j in range(parts):
+                part = group[len(group) * j // parts : len(group) * (j + 1) // parts]
+                if part and part[0][0].inline:
+                    run_batch(part)
+                elif part:
                     self._movers.submit(run_batch, part)
             group.clear()
 
-        for start, stop, alone, n, i in tasks:
+        def joins(p: Promotion, i: int) -> bool:
+            """Step ``i`` of ``p`` goes in the group's call: the same mover and layers."""
+            q, j = group[0] if group else (p, i)
+            return _same_mover(q, p) and q.steps[j] == p.steps[i] and q.inline == p.inline
+
+        for p, i in inline:  # first, here: one call per batch mover and range
+            if not joins(p, i):
+                flush(1)
+            if p.batch is None:
+                p.run_step(i)
+            else:
+                group.append((p, i))
+        flush(1)
+        for *_, n, i in tasks:
             p = new[n]
-            if group and (
-                group[0][0].steps[group[0][1]] != range(start, stop) or alone or not _same_mover(group[0][0], p)
-            ):
-                flush()
-            if alone:
+            if not joins(p, i):
+                flush(self._parts)
+            if p.batch is None:
                 self._movers.submit(p.run_step, i)
             else:
                 group.append((p, i))
-        flush()
+        flush(self._parts)
 
     @property
     def pending(self) -> bool:
@@ -265,17 +297,26 @@ class Loading:
 
 
 def move_from_host(
-    pool: KVPool, chunks: list[tuple[list[int], torch.Tensor, torch.Tensor, Any]], layers: range
+    pool: KVPool,
+    chunks: list[tuple[list[int], torch.Tensor, torch.Tensor, Any]],
+    layers: range,
+    *,
+    team: bool = False,
 ) -> None:
     """A step of host chunks, each ``(pages, k, v, after)``: their ``layers`` into their
-    pages (:meth:`KVPool.write_many`: one pass over a host pool; on a GPU, one ``copy_``
-    per run on the mover's stream, after every chunk's ``after``: :meth:`KVPool.fence`).
+    pages (:meth:`KVPool.write_many`: one pass over a host pool, on the calling thread's
+    OpenMP team with ``team``, else on that thread alone, as a mover beside the other
+    should; on a GPU, one ``copy_`` per run on the mover's stream, after every chunk's
+    ``after``: :meth:`KVPool.fence`).
 
     k, v: [num_layers, pages * page_size, num_kv_heads, head_dim] (a padded host copy)
     """
-    parts = [(pages, k[layers.start : layers.stop], v[layers.start : layers.stop]) for pages, k, v, _ in chunks]
+    if all(k.shape[0] == len(layers) for _, k, _, _ in chunks):  # whole chunks
+        parts = [(pages, k, v) for pages, k, v, _ in chunks]
+    else:
+        parts = [(pages, k[layers.start : layers.stop], v[layers.start : layers.stop]) for pages, k, v, _ in chunks]
     if pool.device.type != "cuda":
-        pool.write_many(parts, layers, team=False)  # the other mover copies beside this one
+        pool.write_many(parts, layers, team=team)
         return
     with _mover_stream(pool.device, [after for *_, after in chunks]):  # done means done: host copies are reused
         pool.write_many(parts, layers)

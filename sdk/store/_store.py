@@ -61,7 +61,7 @@ import itertools
 import os
 import threading
 import warnings
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -168,7 +168,8 @@ class TieredStore:
         self._lock = threading.RLock()
         self._lent: set[int] = set()  # pages lent to callers (allocate / plans)
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU: oldest first
-        self._moving: list[_Entry] = []  # entries whose promotion _reap has not settled yet
+        self._moving: dict[int, _Entry] = {}  # entries whose promotion _reap has not settled yet, by id
+        self._finished: collections.deque[_Entry] = collections.deque()  # of those, finished (from any thread)
         self._failed: list[_Entry] = []  # dropped after a failed promotion, pages held until unpinned
         self._copies = HostCopies(pool)  # host copies given up, reused by demotions
         self._movers: ThreadPoolExecutor | None = None
@@ -176,6 +177,7 @@ class TieredStore:
         self.host_layerwise = self.pool.device.type != "cpu"  # see "Promotion" above
         self._stage = threading.local()  # per mover thread: a host staging pair for pools off the cpu
         self._host_mover = functools.partial(move_from_host, pool)  # one object: host steps of a range move together
+        self._host_whole = functools.partial(move_from_host, pool, team=True)  # whole chunks, inline
         if self.disk is not None:  # rebuild the index from disk
             for e in self.disk.scan():
                 self._entries[e.key] = _Entry(e.key, e.num_tokens, e.nbytes, "disk")
@@ -312,28 +314,35 @@ class TieredStore:
             if reader is not None:
                 reader.close()
             raise
-        if reader is None and (loading is None or not self.host_layerwise):
-            # whole, here: every layer in one copy_ per run. On the cpu a layer-wise move
-            # only competes with the model for the same cores and memory bandwidth: measured
-            # 15 ms slower at 4k (README); a GPU's copy engine runs beside its compute.
+        if reader is None and loading is None:  # whole, here
             assert e.host is not None
             host = e.host
             placed = self._place(e, pages, *host, num_tokens, "host->device")
             self._copies.give_back(host)
             return placed
-        steps = promotion_steps(self.namespace.num_layers, self._nbytes(num_tokens) // self.namespace.num_layers)
+        # Host chunks move whole when not ``host_layerwise``: on the cpu a layer-wise move
+        # only competes with the model for the same cores and memory bandwidth (measured
+        # 15 ms slower at 4k, README); a GPU's copy engine runs beside its compute. With a
+        # loading they move when it starts, all of a request's in one call (inline).
+        whole = reader is None and not self.host_layerwise
+        steps = (
+            [range(self.namespace.num_layers)]
+            if whole
+            else promotion_steps(self.namespace.num_layers, self._nbytes(num_tokens) // self.namespace.num_layers)
+        )
         fence = self.pool.fence()  # the movers' copies wait for whatever may still read these pages
         if reader is not None:
             assert self.disk is not None
             move = functools.partial(move_from_disk, self.pool, self.disk, reader, pages, self._stage, after=fence)
-            e.promotion = Promotion(e.key, steps, move, reader.close, source)
+            e.promotion = Promotion(e.key, steps, move, functools.partial(self._landed, e, reader.close), source)
         else:
             assert e.host is not None
-            finish = functools.partial(self._copies.give_back, e.host)
+            finish = functools.partial(self._landed, e, functools.partial(self._copies.give_back, e.host))
+            mover = self._host_whole if whole else self._host_mover
             e.promotion = Promotion(
-                e.key, steps, None, finish, source, batch=(self._host_mover, (pages, *e.host, fence))
+                e.key, steps, None, finish, source, batch=(mover, (pages, *e.host, fence)), inline=whole
             )
-        self._moving.append(e)
+        self._moving[id(e)] = e
         e.tier, e.pages, e.host = "device", pages, None
         e.num_tokens, e.nbytes = num_tokens, self._nbytes(num_tokens)
         self._entries.move_to_end(e.key)
@@ -357,8 +366,10 @@ class TieredStore:
     def _reap(self) -> None:
         """Settle finished promotions: a failed chunk leaves the index (its pages stay with
         its holders until they let go); free the pages of failed chunks nobody holds."""
-        for e in [e for e in self._moving if e.promotion is not None and e.promotion.finished]:
-            self._moving.remove(e)
+        while self._finished:  # only those finished since the last call: a request's 90 fetches reap in O(90)
+            e = self._finished.popleft()
+            if self._moving.pop(id(e), None) is None:
+                continue
             p, e.promotion = e.promotion, None
             assert p is not None
             if p.error is None:
@@ -372,6 +383,14 @@ class TieredStore:
         for e in [e for e in self._failed if not e.holders]:
             self._failed.remove(e)
             self.pool.release(e.pages or [])
+
+    def _landed(self, e: _Entry, finish: Callable[[], None]) -> None:
+        """A promotion of ``e`` is over (called by its last step, on any thread): ``finish``,
+        then it is for :meth:`_reap` to settle."""
+        try:
+            finish()
+        finally:
+            self._finished.append(e)
 
     def _sync_disk_counters(self) -> None:
         """Add the disk tier's new rejections and read errors (counted by the movers too)."""

@@ -104,14 +104,24 @@ def test_a_corrupt_layer_fails_that_layer_not_the_ones_before(
     assert store.tier("a") == "device"
 
 
-def test_host_chunks_move_whole_to_a_cpu_pool(tmp_path: Path) -> None:
+def test_host_chunks_move_whole_to_a_cpu_pool_all_of_a_request_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store, kv = _scattered_store(tmp_path, "host")
     assert not store.host_layerwise
+    writes: list[int] = []
+    write_many = store.pool.write_many
+    monkeypatch.setattr(
+        store.pool, "write_many", lambda chunks, *a, **kw: (writes.append(len(chunks)), write_many(chunks, *a, **kw))
+    )
     loading = store.loading()
-    with plan(store, [[1] * 10], 0, keys=["a"], loading=loading) as p:
-        assert not loading.promotions  # nothing left to wait for
-        for layer in range(NS.num_layers):
-            assert same_bits(_layer(store, p.pages[0], layer, 10), (kv["a"][0][layer], kv["a"][1][layer]))
+    with plan(store, [[1] * 10, [2] * 10], 0, keys=["a", "b"], loading=loading) as p:
+        assert len(loading.promotions) == 2 and not loading.pending  # moved whole as the plan started them
+        assert writes == [2]
+        for key, pages in zip("ab", p.pages):
+            for layer in range(NS.num_layers):
+                assert same_bits(_layer(store, pages, layer, 10), (kv[key][0][layer], kv[key][1][layer]))
+    assert store.stats.hits["host"] == 2 and store.tier("a") == store.tier("b") == "device"
 
 
 @pytest.mark.parametrize("device", POOLS)
