@@ -4,10 +4,12 @@ the store's mover threads, layer by layer.
 A request that passes a :class:`Loading` to the store gets its hits' pages at once and
 calls ``loading.wait(i)`` before layer ``i``'s attention reads them: layer 0 computes
 while later layers are still on their way (LMCache retrieves layer by layer too). A
-chunk moves in steps of layers (:func:`promotion_steps`: 1, 1, 2, 4, ..., at least 1 MiB
-after the first); the two movers take the steps of all of a request's chunks in order of
-their first layer, so layer 0 of every chunk is ready first, and one mover reads or
-checks while the other does.
+chunk moves in steps of layers (:func:`promotion_steps`: 1, 1, 2, 4, ...; from the host,
+at least 1 MiB a step after the first); the two movers take the steps of all of a
+request's chunks in order of their first layer, so layer 0 of every chunk is ready
+first, and one mover reads or checks while the other does. Host steps of one range move
+together, one call per mover (:func:`run_batch`). Host chunks that move whole (a cpu
+pool) move when the request's loading starts, on its thread, all in one call.
 
 A layer is ready only once it is in the pool and, when it came from the disk, its
 checksum matched. A layer that fails fails its promotion: layers not started yet are not moved
