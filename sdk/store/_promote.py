@@ -40,8 +40,9 @@ _local = threading.local()
 def _mover_stream(device: torch.device, after: Any) -> Iterator[None]:
     """Copies queued inside run on this thread's own CUDA stream on ``device``, after the
     event ``after``, or each of a list of them (the kernels that may still read the pages,
-    queued before they were handed out); they have finished when the block ends. On the default stream they would
-    queue behind the model's kernels, and waiting for them would wait for those too."""
+    queued before they were handed out); they have finished when the block ends. On the
+    default stream they would queue behind the model's kernels, and waiting for them
+    would wait for those too."""
     streams: dict[torch.device, Any] = _local.__dict__.setdefault("streams", {})
     if device not in streams:
         streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]

@@ -115,6 +115,7 @@ def test_bench_store_json(tmp_path: Path) -> None:
     cases = {r["case"].split("/2x40")[0]: r for r in data["results"]}
     limits = {
         "host->device": "fraction_of_memcpy",
+        "host->device/request": "fraction_of_memcpy",
         "host->device/layerwise": "fraction_of_memcpy",
         "disk->device/cold": "fraction_of_cold_read",
         "disk->device/cold/layerwise": "fraction_of_cold_read",
