@@ -239,7 +239,7 @@ def copy_spans(pairs: list[tuple[torch.Tensor, torch.Tensor]], spans: np.ndarray
     pairs: (dst, src) host tensors, any shape and dtype (bytes are copied as they are)
     spans: [n, 4], int64
     """
-    if _rows is None or any(d.device.type != "cpu" or s.device.type != "cpu" for d, s in pairs):
+    if _rows is None or not all(d.is_cpu and s.is_cpu for d, s in pairs):
         return False
     table = np.array([(d.data_ptr(), extent(d), s.data_ptr(), extent(s)) for d, s in pairs], dtype=np.int64)
     spans = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1, 4)

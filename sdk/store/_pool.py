@@ -169,35 +169,23 @@ class KVPool:
         ps, elt, row = self.namespace.page_size, pool.element_size(), pool.stride(2)  # row: a token's elements
         page, token, rows = pool.stride(1) * elt, row * elt, (row, *pool.stride()[3:])
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        parts = []
+        k_spans = []  # per chunk: [layers * runs, 4] (pair, dst offset, src offset, length), its K's
         for pages, k, v in chunks:
             n = k.shape[1]
-            if k.device.type != "cpu" or k.dtype != pool.dtype or k.shape != v.shape or k.stride() != v.stride():
+            if not (k.is_cpu and v.is_cpu) or k.dtype != pool.dtype or v.dtype != pool.dtype or k.shape != v.shape:
                 return False
-            if (
-                v.device.type != "cpu"
-                or v.dtype != pool.dtype
-                or k.shape[2:] != pool.shape[3:]
-                or k.stride()[1:] != rows
-            ):
+            if k.stride() != v.stride() or k.stride()[1:] != rows or k.shape[2:] != pool.shape[3:]:
                 return False
             if first + k.shape[0] > pool.shape[0]:
                 return False
-            per_run = [
-                (p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages) if at * ps < n
-            ]
-            if per_run:
-                per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
-                parts.append((len(pairs), per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]))
-                pairs += [(self.k, k), (self.v, v)]
-        spans = np.empty((2, sum(p.shape[0] * p.shape[1] for _, p in parts), 4), dtype=np.int64)
-        at = 0
-        for pair, p in parts:
-            n = p.shape[0] * p.shape[1]
-            spans[:, at : at + n, 1:] = p.reshape(-1, 3)
-            spans[0, at : at + n, 0], spans[1, at : at + n, 0] = pair, pair + 1
-            at += n
-        return copy_spans(pairs, spans.reshape(-1, 4), team=team)
+            pair = len(pairs)
+            per_run = [(pair, p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages)]
+            per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
+            k_spans.append((per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]).reshape(-1, 4))
+            pairs += [(self.k, k), (self.v, v)]
+        spans = np.concatenate(k_spans) if k_spans else np.zeros((0, 4), dtype=np.int64)
+        spans = np.concatenate([spans, spans + _V_PAIR])  # V's: the next pair, the same offsets
+        return copy_spans(pairs, spans[spans[:, 3] > 0], team=team)
 
     def read(
         self, pages: list[int], num_tokens: int | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -287,11 +275,15 @@ def bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
+_V_PAIR = np.array([1, 0, 0, 0], dtype=np.int64)
+
+
 @functools.lru_cache(maxsize=64)
 def _layer_offsets(first: int, count: int, dst_layer: int, src_layer: int) -> np.ndarray:
-    """Each layer's (dst, src, 0) byte offsets for :meth:`KVPool._write_spans`: [count, 3], int64."""
+    """Each layer's (0, dst, src, 0) byte offsets for :meth:`KVPool._write_spans`: [count, 4], int64."""
     layer = np.arange(count, dtype=np.int64)
-    return np.stack([(first + layer) * dst_layer, layer * src_layer, np.zeros_like(layer)], axis=1)
+    zero = np.zeros_like(layer)
+    return np.stack([zero, (first + layer) * dst_layer, layer * src_layer, zero], axis=1)
 
 
 @functools.cache
