@@ -98,6 +98,12 @@ class StoreMachine(RuleBasedStateMachine):
         _, cs = data.draw(st.sampled_from(self.plans))
         self.open_request(cs, live)
 
+    @rule(layerwise=st.booleans())
+    def host_moves(self, layerwise: bool) -> None:
+        """Host chunks of later requests move layer by layer on the movers (the GPU
+        default), or whole, inline, when the request's loading starts (the cpu's)."""
+        self.store.host_layerwise = layerwise
+
     def _lower(self) -> list[int]:
         return [c for c, key in enumerate(KEYS) if self.store.tier(key) in ("host", "disk")]
 
