@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kvfuse._errors import IndexRangeError
 from kvfuse.store._keys import Namespace
 
 
@@ -145,6 +146,9 @@ class KVPool:
         k, v: [num_layers (or len(layers)), num_tokens, num_kv_heads, head_dim], padded or
         not, any device
         """
+        for pages, _, _ in chunks:  # before any byte moves: spans past a layer's pages would land in the next
+            if pages and (min(pages) < 0 or max(pages) >= self.num_pages):
+                raise IndexRangeError("pages", f"page ids in [0, {self.num_pages})", f"{min(pages)} to {max(pages)}")
         first = 0 if layers is None else layers.start
         if self._write_spans(chunks, first, team):
             return
@@ -181,7 +185,8 @@ class KVPool:
             pair = len(pairs)
             per_run = [(pair, p * page, at * ps * token, min(c * ps, n - at * ps) * token) for p, c, at in runs(pages)]
             per_layer = _layer_offsets(first, k.shape[0], pool.stride(0) * elt, k.stride(0) * elt)
-            k_spans.append((per_layer[:, None, :] + np.array(per_run, dtype=np.int64)[None, :, :]).reshape(-1, 4))
+            per_run_array = np.array(per_run, dtype=np.int64).reshape(1, -1, 4)
+            k_spans.append((per_layer[:, None, :] + per_run_array).reshape(-1, 4))
             pairs += [(self.k, k), (self.v, v)]
         spans = np.concatenate(k_spans) if k_spans else np.zeros((0, 4), dtype=np.int64)
         spans = np.concatenate([spans, spans + _V_PAIR])  # V's: the next pair, the same offsets

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kvfuse import IndexRangeError
 from kvfuse.store import KVPool
 from kvfuse.store._pool import copy_into
 from storecases import NS
@@ -98,3 +99,23 @@ def test_pool_write_moves_exactly_the_chunks_tokens_on_every_path(write_path: st
         pool.write_many(chunks, which, team=write_path != "spans/one thread")
     for got, w in zip((pool.k, pool.v), want):
         assert torch.equal(got.view(torch.uint8), w.view(torch.uint8)), write_path
+
+
+@pytest.mark.parametrize("write_path", ["spans", "copy_into"])
+def test_pool_write_refuses_pages_outside_the_pool_before_a_byte_moves(
+    write_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page id past the pool would land in the next layer's pages (the kernel's bound is
+    the whole pool): refused for every chunk before any is written."""
+    if write_path == "copy_into":
+        monkeypatch.setattr(pool_module, "_spans_kernel", lambda: None)
+    pool = KVPool(NS, num_pages=4)
+    shape = (NS.num_layers, NS.page_size, NS.num_kv_heads, NS.head_dim)
+    k, v = _random_bits(shape, NS.torch_dtype, 1), _random_bits(shape, NS.torch_dtype, 2)
+    for bad in ([4], [-1]):
+        with pytest.raises(IndexRangeError, match="pages"):
+            pool.write_many([([0], k, v), (bad, k, v)])
+        assert not pool.k.any() and not pool.v.any()
+    empty = k[:, :0], v[:, :0]
+    pool.write_many([([], *empty), ([2], k, v)])  # a chunk of no tokens writes nothing
+    assert torch.equal(pool.k[:, 2].view(torch.uint8), k.view(torch.uint8)) and not pool.k[:, [0, 1, 3]].any()
