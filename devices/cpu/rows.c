@@ -45,11 +45,16 @@
 #include <emmintrin.h>
 #endif
 
+/* Without a next row to fetch (a span), the lines AHEAD bytes on: the next 4 KiB page,
+ * where the hardware prefetcher stops. 90 chunks' spans of 35 KB into a pool: 111-116 %
+ * of memcpy with it, 96-103 % without (same run, slow-memory regime). */
+#define AHEAD 4096
+
 static void copy_row(char *dst, const char *src, size_t n, const char *next) {
 #if defined(__SSE2__)
   if ((uintptr_t)dst % 16 == 0 && n % 64 == 0) {
     for (size_t o = 0; o < n; o += 64) {
-      if (next) __builtin_prefetch(next + o, 0, 0);
+      __builtin_prefetch(next ? next + o : src + o + AHEAD, 0, 0);
       __m128i a = _mm_loadu_si128((const __m128i *)(src + o));
       __m128i b = _mm_loadu_si128((const __m128i *)(src + o + 16));
       __m128i c = _mm_loadu_si128((const __m128i *)(src + o + 32));
