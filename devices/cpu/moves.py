@@ -236,7 +236,8 @@ def copy_spans(pairs: list[tuple[torch.Tensor, torch.Tensor]], spans: np.ndarray
     every span against its pair's tensors before any byte moves: one outside them is an
     IndexRangeError naming ``spans``.
 
-    pairs: (dst, src) host tensors, any shape and dtype (bytes are copied as they are)
+    pairs: (dst, src) host tensors, any shape and dtype (bytes are copied as they are;
+        a span's source and destination bytes must not overlap)
     spans: [n, 4], int64
     """
     if _rows is None or not all(d.is_cpu and s.is_cpu for d, s in pairs):
