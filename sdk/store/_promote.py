@@ -37,17 +37,17 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def _mover_stream(device: torch.device, after: Any) -> Iterator[None]:
-    """Copies queued inside run on this thread's own CUDA stream on ``device``, after the
-    event ``after``, or each of a list of them (the kernels that may still read the pages,
-    queued before they were handed out); they have finished when the block ends. On the
+def _mover_stream(device: torch.device, after: list[Any]) -> Iterator[None]:
+    """Copies queued inside run on this thread's own CUDA stream on ``device``, after each
+    event in ``after`` that is not None (the kernels that may still read the pages, queued
+    before they were handed out); they have finished when the block ends. On the
     default stream they would queue behind the model's kernels, and waiting for them
     would wait for those too."""
     streams: dict[torch.device, Any] = _local.__dict__.setdefault("streams", {})
     if device not in streams:
         streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     stream = streams[device]
-    for event in after if isinstance(after, list) else [after]:
+    for event in after:
         if event is not None:
             stream.wait_event(event)
     try:
@@ -352,7 +352,7 @@ def move_from_disk(
             pair = stage.pair = torch.empty(shape, dtype=ns.torch_dtype, pin_memory=True)
         for i in layers:
             reader.read_layer(i, [bytes_of(pair[0, :n])], [bytes_of(pair[1, :n])])
-            with _mover_stream(pool.device, after):  # the stage is reused by the next layer
+            with _mover_stream(pool.device, [after]):  # the stage is reused by the next layer
                 pool.write(pages, pair[0:1, :n], pair[1:2, :n], range(i, i + 1))
     except ChunkRejected:
         disk.reject(reader.key)

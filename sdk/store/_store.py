@@ -325,11 +325,13 @@ class TieredStore:
         # 15 ms slower at 4k, README); a GPU's copy engine runs beside its compute. With a
         # loading they move when it starts, all of a request's in one call (inline).
         whole = reader is None and not self.host_layerwise
-        layer_bytes = self._nbytes(num_tokens) // self.namespace.num_layers
+        layers = self.namespace.num_layers
         if whole:
-            steps = [range(self.namespace.num_layers)]
+            steps = [range(layers)]
+        elif reader is None:  # host steps of at least 1 MiB
+            steps = promotion_steps(layers, self._nbytes(num_tokens) // layers)
         else:  # a disk step's cost is its read, not Python: layers 1, 2-3, ... come sooner
-            steps = promotion_steps(self.namespace.num_layers, layer_bytes if reader is None else 0)
+            steps = promotion_steps(layers)
         fence = self.pool.fence()  # the movers' copies wait for whatever may still read these pages
         if reader is not None:
             assert self.disk is not None
